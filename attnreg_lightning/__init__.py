@@ -1,0 +1,1 @@
+"""Bootstrap-regularized attention maps for Vision Transformers (Chung & Laletin, AISTATS 2026)."""

@@ -1,0 +1,233 @@
+"""Significance of observed attention against its bootstrap null, batched over images in torch.
+
+The formulas are those of DESIGN.md ("The method, exactly"), computed for all images at once on the
+input's device: z-scores on the log scale, pooled empirical p-values, Storey's pi0, Efron's local FDR
+(the model of ``statsmodels.stats.multitest.local_fdr``, fitted by a batched Poisson IRLS) and pi0-scaled
+Benjamini-Hochberg q-values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ATTENTION_FLOOR = 1e-12
+"""Attention values below this (zero, negative) are clamped to it before taking logs."""
+
+STOREY_LAMBDA = 0.89
+"""pi0 = #{p > lambda} / (T (1 - lambda)), the reference's spline evaluated at its last knot."""
+
+_IRLS_MAX_ITER = 100
+_IRLS_TOL = 1e-8
+_EPS = torch.finfo(torch.float64).eps
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Per-token statistics of a batch; shapes ``B`` images, ``N`` nulls, ``T`` tokens.
+
+    ``valid[b]`` is False where image ``b`` is degenerate (non-finite attention, or null attention with no
+    spread): its statistics are placeholders (z = 0, p = 1, lfdr = 1, q = 1) that select no token.
+    """
+
+    z: Tensor  # [B, T]
+    z_null: Tensor  # [B, N, T]
+    p: Tensor  # [B, T]
+    pi0: Tensor  # [B]
+    lfdr: Tensor  # [B, T]
+    q: Tensor  # [B, T]
+    valid: Tensor  # [B] bool
+
+
+def zscores(obs: Tensor, null: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-scale z-scores of observed ``[B, T]`` and null ``[B, N, T]`` attention; also returns validity ``[B]``."""
+    log_obs = obs.clamp_min(ATTENTION_FLOOR).log()
+    log_null = null.clamp_min(ATTENTION_FLOOR).log()
+    flat = log_null.flatten(1)
+    mu = flat.mean(dim=1)
+    sd = flat.std(dim=1, correction=0)
+    valid = torch.isfinite(obs).all(1) & torch.isfinite(flat).all(1) & (sd > 0)
+    sd = torch.where(valid, sd, torch.ones_like(sd))
+    z = (log_obs - mu[:, None]) / sd[:, None]
+    z0 = (log_null - mu[:, None, None]) / sd[:, None, None]
+    return z, z0, valid
+
+
+def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Tensor:
+    """``p = 1 - #{pool <= |z|} / (T + N T)`` with pool = |z| and |z_null| of the same image together.
+
+    Counts by placing each null value among the image's sorted observed values (a sort of ``T``, not of
+    ``T + N T``, values): the same comparisons as sorting the pool, so the same counts. ``order`` may give
+    the ascending order of ``|z|`` per image when the caller has it.
+    """
+    obs = z.abs()
+    nulls = z_null.abs().flatten(1)
+    order = obs.argsort(dim=1) if order is None else order
+    sorted_obs = obs.gather(1, order)
+    # a null value u is <= every sorted observed value from the first one >= u onwards
+    first = torch.searchsorted(sorted_obs, nulls, right=False)
+    hits = torch.zeros(obs.shape[0], obs.shape[1] + 1, dtype=torch.long, device=z.device)
+    hits.scatter_add_(1, first, torch.ones_like(first))
+    null_le = hits.cumsum(dim=1)[:, :-1]
+    obs_le = torch.searchsorted(sorted_obs, sorted_obs, right=True)
+    count = torch.empty_like(null_le).scatter_(1, order, null_le + obs_le)
+    return 1.0 - count.to(z.dtype) / (obs.shape[1] + nulls.shape[1])
+
+
+def storey_pi0(p: Tensor, lam: float = STOREY_LAMBDA) -> Tensor:
+    """Storey's ``min(1, #{p > lam} / (T (1 - lam)))`` per image."""
+    return ((p > lam).sum(dim=1).to(p.dtype) / (p.shape[1] * (1 - lam))).clamp(max=1.0)
+
+
+def _vander(x: Tensor, deg: int) -> Tensor:
+    """Decreasing powers ``x^deg, ..., x, 1`` as numpy.vander: ``[..., deg + 1]``."""
+    rising = torch.cat([torch.ones_like(x).unsqueeze(-1), x.unsqueeze(-1).expand(*x.shape, deg).cumprod(-1)], -1)
+    return rising.flip(-1)
+
+
+def _lstsq(a: Tensor, y: Tensor) -> Tensor:
+    """Batched least squares of tall, full-rank systems through QR (CPU and CUDA)."""
+    q, r = torch.linalg.qr(a)
+    return torch.linalg.solve_triangular(r, q.mT @ y.unsqueeze(-1), upper=True).squeeze(-1)
+
+
+def _poisson_deviance(y: Tensor, mu: Tensor) -> Tensor:
+    mu = mu.clamp_min(_EPS)
+    ratio = torch.where(y > 0, y / mu, torch.ones_like(y))
+    return 2 * (y * ratio.log() - (y - mu)).sum(dim=-1)
+
+
+def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
+    """Poisson log-link fit of ``y [B, K]`` on ``x [B, K, P]`` for all images at once, from ``start [B, P]``.
+
+    The iteration of statsmodels' GLM IRLS: working response and weights with ``mu`` floored at machine eps,
+    stop when the deviance changes by at most 1e-8 or after 100 iterations. Each image stops on
+    its own; where the MLE does not exist (empty bins between populated ones) it ends where statsmodels does.
+    """
+    beta = start
+    eta = (x @ beta.unsqueeze(-1)).squeeze(-1)
+    dev = _poisson_deviance(y, eta.exp())
+    done = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+    for _ in range(_IRLS_MAX_ITER):
+        mu = eta.exp()
+        floored = mu.clamp_min(_EPS)
+        # statsmodels' weights 1 / (g'(mu)^2 V(mu)) with g' = 1 / max(mu, eps): mu, or eps^2 / mu below eps,
+        # which pins bins whose fitted mean has collapsed instead of letting them drift.
+        w = floored / mu.clamp_min(torch.finfo(mu.dtype).tiny).sqrt()
+        work = eta + (y - mu) / floored
+        new = _lstsq(x * w.unsqueeze(-1), work * w)
+        new_eta = (x @ new.unsqueeze(-1)).squeeze(-1)
+        new_dev = _poisson_deviance(y, new_eta.exp())
+        beta = torch.where(done[:, None], beta, new)
+        eta = torch.where(done[:, None], eta, new_eta)
+        converged = (new_dev - dev).abs() <= _IRLS_TOL
+        dev = torch.where(done, dev, new_dev)
+        done = done | converged | ~torch.isfinite(new_dev)
+        if bool(done.all()):
+            break
+    return beta
+
+
+def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
+    """Efron's local FDR ``clip(pi0 phi(z) / f(z), 0, 1)`` per image, as statsmodels' ``local_fdr``.
+
+    ``f`` is a Poisson regression of the histogram of ``z[b]`` (``nbins`` edges from min to max) on a
+    degree-``deg`` polynomial of the bin centres. ``z`` is ``[B, T]``; computed in float64.
+    """
+    if deg < 1 or nbins < deg + 2:
+        raise ValueError(f"lfdr_deg={deg} and lfdr_bins={nbins}: need deg >= 1 and bins >= deg + 2")
+    zd = z.to(torch.float64)
+    t = zd.shape[1]
+    lo, hi = zd.amin(dim=1), zd.amax(dim=1)
+    # Rows with no spread (or non-finite) have no histogram to fit; fit a stand-in and report lfdr = 1.
+    fittable = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)
+    stand_in = torch.linspace(-1.0, 1.0, t, device=z.device, dtype=torch.float64).expand_as(zd)
+    zd = torch.where(fittable[:, None], zd, stand_in)
+    lo, hi = zd.amin(dim=1), zd.amax(dim=1)
+    step = (hi - lo) / (nbins - 1)
+    # Edges built as numpy.linspace builds them, so bin membership matches numpy.histogram exactly.
+    edges = torch.arange(nbins, device=z.device, dtype=torch.float64) * step[:, None] + lo[:, None]
+    edges[:, -1] = hi
+    # Bin by arithmetic, then correct by comparing with the edges, as numpy.histogram does: bin i holds
+    # edges[i] <= z < edges[i + 1], the last bin also its right edge.
+    idx = ((zd - lo[:, None]) / step[:, None]).floor().long().clamp(0, nbins - 2)
+    idx = idx - (zd < edges.gather(1, idx)).long()
+    idx = idx + ((zd >= edges.gather(1, idx + 1)) & (idx < nbins - 2)).long()
+    counts = torch.zeros(zd.shape[0], nbins - 1, dtype=torch.float64, device=z.device)
+    counts.scatter_add_(1, idx, torch.ones_like(zd))
+    centres = (edges[:, :-1] + edges[:, 1:]) / 2
+    design = _vander(centres, deg)
+    scale = design.std(dim=1, correction=0, keepdim=True)
+    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+    design = design / scale
+    start = _lstsq(design, counts.log1p())
+    beta = _poisson_irls(design, counts, start)
+    fitted = ((_vander(zd, deg) / scale) @ beta.unsqueeze(-1)).squeeze(-1).exp()
+    width = (edges[:, 1] - edges[:, 0])[:, None]
+    fz = fitted / (t * width)
+    f0 = torch.exp(-0.5 * zd**2) / math.sqrt(2 * math.pi)
+    lfdr = (pi0.to(torch.float64)[:, None] * f0 / fz).clamp(0.0, 1.0).nan_to_num(nan=1.0)
+    return torch.where(fittable[:, None], lfdr, torch.ones_like(lfdr)).to(z.dtype)
+
+
+def bh_qvalues(p: Tensor, pi0: Tensor, order: Tensor | None = None) -> Tensor:
+    """Benjamini-Hochberg q-values scaled by ``pi0``: ``q_(i) = min_{j >= i} pi0 T p_(j) / j``, at most 1.
+
+    ``order`` may give the ascending order of ``p`` per image (tied p-values get the same q in any order).
+    """
+    t = p.shape[1]
+    order = p.argsort(dim=1) if order is None else order
+    sorted_p = p.gather(1, order)
+    ranks = torch.arange(1, t + 1, device=p.device, dtype=p.dtype)
+    raw = pi0[:, None] * t * sorted_p / ranks
+    q_sorted = raw.flip(1).cummin(dim=1).values.flip(1).clamp(max=1.0)
+    return torch.empty_like(p).scatter_(1, order, q_sorted)
+
+
+def significance(
+    obs: Tensor, null: Tensor, pi0: str | float = "estimate", lfdr_deg: int = 7, lfdr_bins: int = 30
+) -> Significance:
+    """Statistics of observed attention ``obs [B, T]`` against null attention ``null [B, N, T]``.
+
+    Attention at or below zero is clamped to :data:`ATTENTION_FLOOR` before the log. z and p are computed
+    in float64 for float64 input and in float32 otherwise (the Poisson fit of the local FDR always in
+    float64); results come back in ``obs.dtype``. ``pi0`` is ``"estimate"`` (Storey, per image) or a float in [0, 1].
+    Images whose input is non-finite or whose null has no spread are flagged in ``valid`` and get neutral
+    statistics rather than NaN.
+    """
+    if obs.dim() != 2 or null.dim() != 3 or null.shape[0] != obs.shape[0] or null.shape[2] != obs.shape[1]:
+        raise ValueError(f"obs must be [B, T] and null [B, N, T]; got {tuple(obs.shape)} and {tuple(null.shape)}")
+    if null.shape[1] < 1:
+        raise ValueError("null must hold at least one bootstrap sample (N >= 1)")
+    if isinstance(pi0, str):
+        if pi0 != "estimate":
+            raise ValueError(f"pi0 must be 'estimate' or a float in [0, 1], got {pi0!r}")
+    elif not 0.0 <= float(pi0) <= 1.0:
+        raise ValueError(f"pi0 must be 'estimate' or a float in [0, 1], got {pi0!r}")
+    dtype = obs.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    z, z0, valid = zscores(obs.to(work), null.to(work))
+    z = torch.where(valid[:, None], z, torch.zeros_like(z))
+    z0 = torch.where(valid[:, None, None], z0, torch.zeros_like(z0))
+    # p falls as |z| rises, so one sort of |z| orders both the p-value count and the q-values
+    abs_order = z.abs().argsort(dim=1)
+    p = pooled_pvalues(z, z0, abs_order)
+    p = torch.where(valid[:, None], p, torch.ones_like(p))
+    if isinstance(pi0, str):
+        pi0_t = storey_pi0(p)
+    else:
+        pi0_t = torch.full((obs.shape[0],), float(pi0), dtype=work, device=obs.device)
+    lfdr = local_fdr(z, pi0_t, lfdr_deg, lfdr_bins)
+    q = bh_qvalues(p, pi0_t, abs_order.flip(1))
+    return Significance(
+        z=z.to(dtype),
+        z_null=z0.to(dtype),
+        p=p.to(dtype),
+        pi0=pi0_t.to(dtype),
+        lfdr=lfdr.to(dtype),
+        q=q.to(dtype),
+        valid=valid,
+    )

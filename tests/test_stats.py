@@ -1,0 +1,209 @@
+import numpy as np
+import pytest
+import torch
+
+from attnreg_lightning.regularize import MAP_NAMES, regularize
+from attnreg_lightning.stats import significance
+from tests.oracle import oracle_image, oracle_maps, oracle_pixel_level
+
+
+def _softmax_rows(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def make_case(kind: str, b: int, n: int, t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Attention-like inputs: obs ``[B, T]`` and null ``[B, N, T]``, rows summing to one."""
+    rng = np.random.default_rng(seed)
+    if kind == "heavy":
+        null = _softmax_rows(rng.standard_t(2, size=(b, n, t)) * 1.5)
+        logits = rng.standard_t(2, size=(b, t)) * 1.5
+        logits[:, rng.choice(t, size=max(1, t // 20), replace=False)] += 6.0
+        obs = _softmax_rows(logits)
+    elif kind == "uniform":
+        null = _softmax_rows(rng.normal(0, 1e-3, size=(b, n, t)))
+        obs = _softmax_rows(rng.normal(0, 1e-3, size=(b, t)))
+    elif kind == "ties":
+        null = _softmax_rows(np.round(rng.normal(0, 1, size=(b, n, t)) * 2) / 2)
+        obs = _softmax_rows(np.round(rng.normal(0.3, 1, size=(b, t)) * 2) / 2)
+    else:
+        raise AssertionError(kind)
+    return obs, null
+
+
+CASES = [
+    ("heavy", 3, 10, 64, 0),
+    ("heavy", 1, 1, 196, 1),
+    ("heavy", 5, 4, 49, 2),
+    ("uniform", 4, 10, 100, 3),
+    ("ties", 3, 6, 144, 4),
+    ("heavy", 2, 25, 784, 5),
+]
+
+
+@pytest.mark.parametrize(("kind", "b", "n", "t", "seed"), CASES)
+@pytest.mark.parametrize("pi0", ["estimate", 0.8])
+def test_matches_numpy_statsmodels_oracle(kind, b, n, t, seed, pi0):
+    obs, null = make_case(kind, b, n, t, seed)
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null), pi0=pi0)
+    assert sig.valid.all()
+    reg = regularize(torch.from_numpy(obs), sig)
+    for i in range(b):
+        ref = oracle_image(obs[i], null[i], pi0=pi0)
+        np.testing.assert_allclose(sig.z[i].numpy(), ref["z"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(sig.z_null[i].numpy(), ref["z_null"], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(sig.p[i].numpy(), ref["p"])
+        assert sig.pi0[i].item() == ref["pi0"]
+        np.testing.assert_allclose(sig.q[i].numpy(), ref["q"], rtol=0, atol=1e-12)
+        maps = oracle_maps(obs[i], ref)
+        np.testing.assert_allclose(sig.lfdr[i].numpy(), ref["lfdr"], rtol=0, atol=1e-4)
+        for name in MAP_NAMES:
+            if name in ("lfdr", "posterior"):
+                # lfdr agrees to 1e-4; a token that sits within that of the threshold may flip.
+                close = np.abs(ref["lfdr"] - 0.3) > 1e-4
+                got, want = reg.maps[name][i].numpy()[close], maps[name][close]
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * obs[i].max())
+            else:
+                np.testing.assert_allclose(reg.maps[name][i].numpy(), maps[name], rtol=0, atol=1e-15)
+
+
+def test_float32_input_matches_float64():
+    obs, null = make_case("heavy", 4, 10, 196, 7)
+    s64 = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    s32 = significance(torch.from_numpy(obs).float(), torch.from_numpy(null).float())
+    assert s32.z.dtype == torch.float32 and s32.lfdr.dtype == torch.float32
+    torch.testing.assert_close(s32.z.double(), s64.z, atol=1e-4, rtol=0)
+    # float32 rounding may move a token past a near-tie in the pooled ranks: allow one rank.
+    assert (s32.p.double() - s64.p).abs().max() <= 1.0 / (196 * 11) + 1e-7
+    torch.testing.assert_close(s32.lfdr.double(), s64.lfdr, atol=1e-3, rtol=0)
+
+
+def _upsample(m: np.ndarray, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    x = torch.from_numpy(m).reshape(*m.shape[:-1], *grid)
+    return x.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+
+
+def test_token_level_equals_pixel_level():
+    grid, patch = (6, 8), 4
+    obs, null = make_case("heavy", 2, 5, grid[0] * grid[1], 11)
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+
+    def token(m):  # every pixel of a token carries its value: read one per token
+        return m.reshape(grid[0] * patch, grid[1] * patch)[::patch, ::patch].ravel()
+
+    for i in range(2):
+        px = oracle_pixel_level(obs[i], null[i], grid, patch)
+        np.testing.assert_allclose(sig.z[i].numpy(), token(px["z"]), atol=1e-9)
+        np.testing.assert_allclose(sig.p[i].numpy(), token(px["p"]), atol=1e-12)
+        assert sig.pi0[i].item() == pytest.approx(px["pi0"], abs=1e-12)
+        np.testing.assert_allclose(sig.lfdr[i].numpy(), token(px["lfdr"]), atol=1e-4)
+    # and the package itself, run on upsampled maps, agrees with its token-level result
+    sig_px = significance(_upsample(obs, grid, patch).flatten(1), _upsample(null, grid, patch).flatten(2))
+    for name in ("z", "p", "lfdr"):
+        got = getattr(sig_px, name).reshape(2, grid[0] * patch, grid[1] * patch)[:, ::patch, ::patch].flatten(1)
+        torch.testing.assert_close(got, getattr(sig, name), atol=1e-4 if name == "lfdr" else 1e-9, rtol=0)
+    torch.testing.assert_close(sig_px.pi0, sig.pi0, atol=1e-12, rtol=0)
+
+
+def srmsd(p: np.ndarray) -> float:
+    """Signed RMSD of sorted p-values from Uniform(0,1) quantiles (positive: conservative)."""
+    p = np.sort(p.ravel())
+    u = (np.arange(1, p.size + 1) - 0.5) / p.size
+    d = p - u
+    return float(np.sign(d.mean()) * np.sqrt(np.mean(d**2)))
+
+
+def test_calibrated_under_the_null():
+    rng = np.random.default_rng(0)
+    b, n, t = 16, 10, 196
+    draws = _softmax_rows(rng.normal(0, 1, size=(b, n + 1, t)))
+    obs, null = draws[:, 0], draws[:, 1:]
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    assert abs(srmsd(sig.p.numpy())) < 0.03
+    assert sig.pi0.mean().item() > 0.85
+    assert (sig.lfdr < 0.3).float().mean().item() < 0.02
+
+
+def test_planted_tokens_are_discovered():
+    rng = np.random.default_rng(1)
+    b, n, t = 8, 10, 196
+    null = _softmax_rows(rng.normal(0, 1, size=(b, n, t)))
+    logits = rng.normal(0, 1, size=(b, t))
+    planted = np.zeros((b, t), bool)
+    planted[:, :10] = True
+    # boost the planted tokens without renormalising, so the rest keep their null-like level
+    obs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    obs[planted] *= np.exp(6.0)
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    assert sig.pi0.mean().item() > 0.8
+    lfdr = sig.lfdr.numpy()
+    assert lfdr[planted].max() < 0.05
+    assert np.median(lfdr[~planted]) > 0.9
+    assert (lfdr[~planted] <= 0.3).mean() < 0.05
+
+
+def test_zero_and_negative_attention_are_clamped_not_nan():
+    obs, null = make_case("heavy", 2, 5, 64, 3)
+    obs[0, :5] = 0.0
+    obs[1, :3] = -0.1
+    null[0, 0, :7] = 0.0
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    for v in (sig.z, sig.z_null, sig.p, sig.lfdr, sig.q, sig.pi0):
+        assert torch.isfinite(v).all()
+    assert sig.valid.all()
+
+
+def test_degenerate_images_are_flagged_and_neutral():
+    obs, null = make_case("heavy", 3, 5, 64, 9)
+    null[1] = 1.0 / 64  # constant null: no spread
+    obs[2, 4] = np.nan
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    assert sig.valid.tolist() == [True, False, False]
+    for v in (sig.z, sig.p, sig.lfdr, sig.q):
+        assert torch.isfinite(v).all()
+    assert (sig.p[1:] == 1).all() and (sig.lfdr[1:] == 1).all()
+    reg = regularize(torch.from_numpy(obs), sig)
+    assert all((m[1:] == 0).all() for m in reg.maps.values())
+    # the healthy image is unaffected by its degenerate neighbours
+    alone = significance(torch.from_numpy(obs[:1]), torch.from_numpy(null[:1]))
+    torch.testing.assert_close(alone.lfdr[0], sig.lfdr[0], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"p_th": 1.5}, "p_th"),
+        ({"lfdr_th": -0.1}, "lfdr_th"),
+        ({"q_th": 2.0}, "q_th"),
+        ({"z_th": float("nan")}, "z_th"),
+    ],
+)
+def test_bad_thresholds_name_the_argument(kwargs, name):
+    obs, null = make_case("heavy", 1, 2, 16, 0)
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    with pytest.raises(ValueError, match=name):
+        regularize(torch.from_numpy(obs), sig, **kwargs)
+
+
+def test_bad_shapes_and_pi0():
+    obs, null = make_case("heavy", 2, 2, 16, 0)
+    with pytest.raises(ValueError, match="null"):
+        significance(torch.from_numpy(obs), torch.from_numpy(null[:, :, :8]))
+    with pytest.raises(ValueError, match="pi0"):
+        significance(torch.from_numpy(obs), torch.from_numpy(null), pi0=1.5)
+    with pytest.raises(ValueError, match="pi0"):
+        significance(torch.from_numpy(obs), torch.from_numpy(null), pi0="storey")
+
+
+def test_summary_numbers():
+    obs, null = make_case("heavy", 3, 10, 100, 12)
+    o = torch.from_numpy(obs)
+    reg = regularize(o, significance(o, torch.from_numpy(null)), grid=(10, 10))
+    for name, m in reg.maps.items():
+        torch.testing.assert_close(reg.sparsity[name], (m == 0).double().mean(1))
+        torch.testing.assert_close(reg.retained_mass[name], m.sum(1) / o.sum(1))
+        assert (reg.retained_mass[name] <= 1 + 1e-12).all()
+    assert reg.spatial("lfdr").shape == (3, 10, 10)
+    # every threshold map is a subset of zreg
+    for name in ("p", "lfdr", "pi0", "q"):
+        assert ((reg.maps[name] > 0) <= (reg.maps["zreg"] > 0)).all()
