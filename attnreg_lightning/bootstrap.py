@@ -12,7 +12,7 @@ string picks one::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -136,15 +136,20 @@ def iter_null_chunks(
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
     for g in gens:
         _check(images, n, g)
+    return rechunk((fn(images[i : i + 1], n, g, **options)[0] for i, g in enumerate(gens)), max_images)
+
+
+def rechunk(parts: Iterable[Tensor], size: int) -> Iterator[Tensor]:
+    """Concatenate a stream of ``[k, ...]`` tensors and re-cut it into ``[<= size, ...]`` chunks, in order."""
     pending: list[Tensor] = []
     count = 0
-    for i, g in enumerate(gens):
-        pending.append(fn(images[i : i + 1], n, g, **options)[0])
-        count += n
-        while count >= max_images:
+    for part in parts:
+        pending.append(part)
+        count += len(part)
+        while count >= size:
             flat = torch.cat(pending)
-            yield flat[:max_images]
-            rest = flat[max_images:]
+            yield flat[:size]
+            rest = flat[size:]
             pending, count = ([rest] if len(rest) else []), len(rest)
     if count:
         yield torch.cat(pending)

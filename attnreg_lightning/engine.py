@@ -1,0 +1,140 @@
+"""AttentionRegularizer: a model and a batch of images in, regularized attention out.
+
+    reg = AttentionRegularizer(vit, method="normal", n_bootstrap=10)(images)
+    reg.maps["lfdr"]            # [B, T] regularized attention
+    reg.spatial("lfdr")         # [B, h, w]
+
+The observed images and their ``B * N`` null images stream through the model in chunks of at most
+``max_images_per_forward`` images, so memory does not grow with ``N``. The call never changes the model or
+the global RNG: no gradients, every module's train/eval mode restored, randomness from its own generators.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from attnreg_lightning.attention import check_model, cls_attention, resolve_vit, token_grid
+from attnreg_lightning.bootstrap import get_null_generator, iter_null_chunks, rechunk
+from attnreg_lightning.regularize import RegularizedAttention, Thresholds, regularize
+from attnreg_lightning.stats import significance
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, sample id) pairs over seeds
+
+
+def sample_seed(seed: int, sample_id: int) -> int:
+    """The generator seed of one image: a function of the run seed and the sample id only."""
+    return (int(seed) * _SEED_MIX + int(sample_id) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+class AttentionRegularizer:
+    """Bootstrap-regularized CLS attention for a ViT (DESIGN.md, "The method, exactly").
+
+    Args:
+        model: a timm ``VisionTransformer``, a model with ``get_last_selfattention``, or a module exposing one
+            through ``attention_model()`` / ``vit`` / ``backbone``.
+        method: null-image generator name (``normal``, ``uniform``, ``pixel``, ``patch``).
+        n_bootstrap: null images per image (``N >= 1``).
+        thresholds: rule thresholds (reference defaults).
+        max_images_per_forward: most images in one forward pass (observed and null images together).
+        autocast_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+        seed: seed of the engine's own generators.
+        pi0: ``"estimate"`` (Storey) or a fixed float in [0, 1].
+        method_options: extra options of the generator (``std_factor``, ``all_channels``, ``patch_size``).
+        compile: ``torch.compile`` the attention read-out (off by default; results unchanged).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "normal",
+        n_bootstrap: int = 10,
+        thresholds: Thresholds | None = None,
+        max_images_per_forward: int = 256,
+        autocast_dtype: torch.dtype | None = None,
+        seed: int = 0,
+        pi0: str | float = "estimate",
+        method_options: dict | None = None,
+        compile: bool = False,
+    ) -> None:
+        get_null_generator(method)
+        if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap must be an integer >= 1, got {n_bootstrap!r}")
+        if isinstance(max_images_per_forward, bool) or not isinstance(max_images_per_forward, int):
+            raise ValueError(f"max_images_per_forward must be an integer >= 1, got {max_images_per_forward!r}")
+        if max_images_per_forward < 1:
+            raise ValueError(f"max_images_per_forward must be an integer >= 1, got {max_images_per_forward!r}")
+        check_model(resolve_vit(model))
+        self.model = model
+        self.method = method
+        self.n_bootstrap = n_bootstrap
+        self.thresholds = thresholds or Thresholds()
+        self.max_images_per_forward = max_images_per_forward
+        self.autocast_dtype = autocast_dtype
+        self.seed = seed
+        self.pi0 = pi0
+        self.method_options = dict(method_options or {})
+        if method == "patch" and "patch_size" not in self.method_options:
+            grid_patch = getattr(getattr(resolve_vit(model), "patch_embed", None), "patch_size", None)
+            if grid_patch is not None:
+                self.method_options["patch_size"] = grid_patch if isinstance(grid_patch, int) else int(grid_patch[0])
+        self._read = torch.compile(cls_attention) if compile else cls_attention
+        self._generator: torch.Generator | None = None
+
+    def generators(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None) -> list[torch.Generator]:
+        """One generator per image: seeded by (seed, sample id) when ids are given, else the engine's stream."""
+        if sample_ids is None:
+            if self._generator is None or self._generator.device.type != images.device.type:
+                self._generator = torch.Generator(device=images.device).manual_seed(self.seed)
+            return [self._generator] * images.shape[0]
+        ids = sample_ids.tolist() if isinstance(sample_ids, Tensor) else list(sample_ids)
+        if len(ids) != images.shape[0]:
+            raise ValueError(f"sample_ids: got {len(ids)} ids for {images.shape[0]} images")
+        return [torch.Generator(device=images.device).manual_seed(sample_seed(self.seed, i)) for i in ids]
+
+    def _attention(self, chunks: Iterable[Tensor]) -> Tensor:
+        outs = []
+        for chunk in chunks:
+            if self.autocast_dtype is None:
+                outs.append(self._read(self.model, chunk))
+            else:
+                with torch.autocast(chunk.device.type, dtype=self.autocast_dtype):
+                    outs.append(self._read(self.model, chunk))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
+        """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
+        grid = token_grid(self.model, images)
+        gens = self.generators(images, sample_ids)
+        b, n = images.shape[0], self.n_bootstrap
+        # A constant or non-finite image has no null distribution worth the name: flag it, don't crash.
+        flat = images.flatten(1)
+        usable = torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
+        safe = torch.where(usable[:, None, None, None], images, torch.zeros_like(images)).nan_to_num()
+        nulls = iter_null_chunks(safe, n, self.method, gens, self.max_images_per_forward, **self.method_options)
+        with eval_mode(self.model):
+            # observed images first, then their nulls, packed into full forward passes
+            attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
+        obs = attention[:b]
+        null = attention[b:].reshape(b, n, -1)
+        obs = torch.where(usable[:, None], obs, torch.full_like(obs, float("nan")))
+        sig = significance(obs, null, pi0=self.pi0)
+        th = self.thresholds
+        return regularize(obs, sig, th.z_th, th.p_th, th.lfdr_th, th.q_th, grid=grid)

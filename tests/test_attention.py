@@ -1,0 +1,127 @@
+import copy
+
+import lightning as L
+import pytest
+import timm
+import torch
+from torch import nn
+
+from attnreg_lightning.attention import cls_attention, token_grid
+
+
+def unfused_reference(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """CLS->patch attention [B, H, T] taken from timm's own unfused attention path of the last block."""
+    ref = copy.deepcopy(model).eval()
+    attn = ref.blocks[-1].attn
+    attn.fused_attn = False  # this instance only; timm's global switch is left alone
+    seen = {}
+    attn.attn_drop.register_forward_hook(lambda mod, inp, out: seen.setdefault("attn", inp[0]))
+    with torch.no_grad():
+        ref.forward_features(images)
+    return seen["attn"][:, :, 0, ref.num_prefix_tokens :]
+
+
+def _images(b, h, w, seed=0):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = [
+    ("vit_tiny_patch16_224", {}, (224, 224), 1),
+    ("deit_tiny_distilled_patch16_224", {}, (224, 224), 2),
+    ("vit_tiny_patch16_224", {"reg_tokens": 4, "img_size": 64, "patch_size": 8}, (64, 64), 5),
+    ("vit_tiny_patch16_224", {"qk_norm": True, "img_size": 64}, (64, 64), 1),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size", "prefix"), MODELS)
+def test_matches_unfused_attention(name, kwargs, size, prefix):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    assert model.num_prefix_tokens == prefix
+    x = _images(2, *size)
+    with torch.no_grad():
+        per_head = cls_attention(model, x, heads="all")
+        mean = cls_attention(model, x)
+    ref = unfused_reference(model, x)
+    assert per_head.shape == ref.shape
+    torch.testing.assert_close(per_head, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mean, ref.mean(1), atol=1e-6, rtol=1e-5)
+    # prefix tokens removed: patch attention sums to less than one
+    assert (mean.sum(1) < 1).all()
+
+
+@pytest.mark.parametrize("size", [(64, 96), (128, 128)])
+def test_dynamic_img_size_non_square(size):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True).eval()
+    x = _images(2, *size)
+    with torch.no_grad():
+        got = cls_attention(model, x, heads="all")
+    torch.testing.assert_close(got, unfused_reference(model, x), atol=1e-6, rtol=1e-5)
+    assert token_grid(model, x) == (size[0] // 16, size[1] // 16)
+    assert got.shape[-1] == (size[0] // 16) * (size[1] // 16)
+
+
+class DinoStyle(nn.Module):
+    """A model that only offers the DINO hub's ``get_last_selfattention`` (full [B, H, T+1, T+1] matrix)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.inner = vit
+
+    def get_last_selfattention(self, images):
+        ref = copy.deepcopy(self.inner)
+        ref.blocks[-1].attn.fused_attn = False
+        seen = {}
+        ref.blocks[-1].attn.attn_drop.register_forward_hook(lambda m, i, o: seen.setdefault("a", i[0]))
+        ref.forward_features(images)
+        return seen["a"]
+
+
+def test_get_last_selfattention_convention():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
+    x = _images(2, 64, 64)
+    with torch.no_grad():
+        got = cls_attention(DinoStyle(model), x)
+        want = cls_attention(model, x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+class WithVit(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+
+
+class WithMethod(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+
+    def attention_model(self):
+        return self.net
+
+
+@pytest.mark.parametrize("module_cls", [WithVit, WithMethod])
+def test_lightning_module_through_mixin_protocol(module_cls):
+    module = module_cls().eval()
+    vit = module.vit if hasattr(module, "vit") else module.net
+    x = _images(3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cls_attention(module, x), cls_attention(vit, x))
+
+
+def test_errors_name_the_model_and_what_is_missing():
+    with pytest.raises(TypeError, match="Linear.*get_last_selfattention"):
+        cls_attention(nn.Linear(3, 3), _images(1, 32, 32))
+    gap = timm.create_model("vit_tiny_patch16_224", img_size=32, class_token=False, global_pool="avg")
+    with pytest.raises(TypeError, match="VisionTransformer.*class token"):
+        cls_attention(gap, _images(1, 32, 32))
+    dyn = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True)
+    with pytest.raises(ValueError, match="not divisible by the patch size 16x16"):
+        cls_attention(dyn, _images(1, 40, 48))
+    fixed = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    with pytest.raises(ValueError, match="takes 64x64"):
+        cls_attention(fixed, _images(1, 32, 32))
+    with pytest.raises(ValueError, match="heads"):
+        cls_attention(fixed, _images(1, 64, 64), heads="max")

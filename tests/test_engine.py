@@ -1,0 +1,143 @@
+import pytest
+import timm
+import torch
+
+from attnreg_lightning.attention import cls_attention
+from attnreg_lightning.engine import AttentionRegularizer
+from attnreg_lightning.regularize import MAP_NAMES, Thresholds
+from attnreg_lightning.stats import significance
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+
+
+def _images(b=4, seed=0):
+    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_result_carries_attention_significance_and_grid(vit):
+    x = _images()
+    reg = AttentionRegularizer(vit, n_bootstrap=5, thresholds=Thresholds(p_th=0.2))(x)
+    assert reg.grid == (4, 4)
+    assert reg.attention.shape == (4, 16)
+    assert reg.significance.z_null.shape == (4, 5, 16)
+    assert set(reg.maps) == set(MAP_NAMES)
+    assert reg.thresholds.p_th == 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(reg.attention, cls_attention(vit.eval(), x))
+    assert reg.significance.valid.all()
+
+
+def test_null_attention_is_the_attention_of_the_null_images(vit):
+    from attnreg_lightning.bootstrap import iter_null_chunks
+
+    x = _images(2)
+    engine = AttentionRegularizer(vit, method="pixel", n_bootstrap=3, seed=7)
+    reg = engine(x, sample_ids=[10, 11])
+    gens = engine.generators(x, [10, 11])
+    nulls = torch.cat(list(iter_null_chunks(x, 3, "pixel", gens, max_images=100)))
+    with torch.no_grad():
+        null_attn = cls_attention(vit.eval(), nulls).reshape(2, 3, 16)
+    expected = significance(reg.attention, null_attn)
+    torch.testing.assert_close(reg.significance.z, expected.z)
+
+
+def test_forwards_are_bounded_whatever_n(vit):
+    sizes = []
+    handle = vit.patch_embed.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        AttentionRegularizer(vit, n_bootstrap=13, max_images_per_forward=8)(_images(5))
+    finally:
+        handle.remove()
+    assert max(sizes) <= 8
+    assert sum(sizes) == 5 * (13 + 1)
+
+
+def test_deterministic_and_independent_of_chunking_and_batch(vit):
+    x = _images(4)
+    ids = [3, 1, 4, 1]
+    a = AttentionRegularizer(vit, n_bootstrap=6, seed=5, max_images_per_forward=256)(x, sample_ids=ids)
+    b = AttentionRegularizer(vit, n_bootstrap=6, seed=5, max_images_per_forward=5)(x, sample_ids=ids)
+    c = AttentionRegularizer(vit, n_bootstrap=6, seed=5)(x[2:3], sample_ids=ids[2:3])
+    d = AttentionRegularizer(vit, n_bootstrap=6, seed=6)(x, sample_ids=ids)
+    torch.testing.assert_close(a.significance.z_null, b.significance.z_null, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.significance.z_null[2:3], c.significance.z_null, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a.significance.z_null, d.significance.z_null)
+    # without sample ids: same seed, same results
+    e1 = AttentionRegularizer(vit, n_bootstrap=6, seed=5)(x)
+    e2 = AttentionRegularizer(vit, n_bootstrap=6, seed=5)(x)
+    torch.testing.assert_close(e1.maps["lfdr"], e2.maps["lfdr"])
+
+
+def test_model_state_rng_and_grads_untouched(vit):
+    vit.train()
+    vit.blocks[0].eval()  # a mixed-mode model must come back mixed
+    modes = [m.training for m in vit.modules()]
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in vit.modules())
+    params = [p.detach().clone() for p in vit.parameters()]
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    reg = AttentionRegularizer(vit, n_bootstrap=3)(_images(2).requires_grad_(True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in vit.modules()] == modes
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in vit.modules()) == hooks
+    assert all(p.grad is None for p in vit.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(params, vit.parameters(), strict=True))
+    assert not reg.attention.requires_grad
+    vit.eval()
+
+
+def test_degenerate_images_are_flagged_not_fatal(vit):
+    x = _images(4)
+    x[1] = 0.7  # constant
+    x[2, 0, 3, 3] = float("nan")
+    reg = AttentionRegularizer(vit, n_bootstrap=4)(x)
+    assert reg.significance.valid.tolist() == [True, False, False, True]
+    for m in reg.maps.values():
+        assert torch.isfinite(m).all()
+        assert (m[1:3] == 0).all()
+    healthy = AttentionRegularizer(vit, n_bootstrap=4)(x[[0]])
+    assert healthy.significance.valid.all()
+
+
+@pytest.mark.parametrize("method", ["normal", "uniform", "pixel", "patch"])
+def test_every_method_runs(vit, method):
+    reg = AttentionRegularizer(vit, method=method, n_bootstrap=2)(_images(2))
+    assert reg.significance.valid.all()
+
+
+def test_autocast_bfloat16_runs_close(vit):
+    x = _images(2)
+    full = AttentionRegularizer(vit, n_bootstrap=2)(x)
+    low = AttentionRegularizer(vit, n_bootstrap=2, autocast_dtype=torch.bfloat16)(x)
+    assert low.attention.dtype == torch.float32
+    torch.testing.assert_close(low.attention, full.attention, atol=2e-2, rtol=0.1)
+
+
+def test_compile_is_off_by_default_and_same_results(vit):
+    engine = AttentionRegularizer(vit, n_bootstrap=2)
+    assert engine._read is cls_attention
+    compiled = AttentionRegularizer(vit, n_bootstrap=2, compile=True)
+    x = _images(2)
+    torch.testing.assert_close(compiled(x, sample_ids=[0, 1]).attention, engine(x, sample_ids=[0, 1]).attention)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"n_bootstrap": 0}, "n_bootstrap"),
+        ({"method": "gauss"}, "method"),
+        ({"max_images_per_forward": 0}, "max_images_per_forward"),
+    ],
+)
+def test_bad_knobs_are_named(vit, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AttentionRegularizer(vit, **kwargs)
+
+
+def test_non_vit_rejected():
+    with pytest.raises(TypeError, match="Conv2d"):
+        AttentionRegularizer(torch.nn.Conv2d(3, 3, 3))
