@@ -1,0 +1,129 @@
+"""Every knob of the method and the callback, validated on construction.
+
+The dataclasses double as Hydra structured configs (only OmegaConf-friendly field types), so a typo or an
+out-of-range value fails at start-up with the key named.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from attnreg_lightning.bootstrap import available_methods
+from attnreg_lightning.regularize import MAP_NAMES, Thresholds
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+ON_ERROR = ("raise", "warn")
+
+
+def _require(ok: bool, key: str, value, what: str) -> None:
+    if not ok:
+        raise ValueError(f"attnreg.{key}={value!r}: {what}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class AttnRegConfig:
+    """Knobs of :class:`~attnreg_lightning.callback.AttentionRegularizationCallback` (``attnreg.*`` in Hydra).
+
+    ``pi0=None`` estimates pi0 per image (Storey); a float fixes it. ``maps`` are the regularized maps whose
+    metrics and pictures are logged. ``num_images`` is per validation epoch and per rank; ``log_images`` is
+    how many of those get a picture row (rank 0 only). ``method_*`` fields are options of the null generator
+    (``patch_size=None``: the model's patch size).
+    """
+
+    method: str = "normal"
+    n_bootstrap: int = 10
+    z_th: float = 0.0
+    p_th: float = 0.3
+    lfdr_th: float = 0.3
+    q_th: float = 0.1
+    pi0: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
+    num_images: int = 16
+    every_n_epochs: int = 1
+    maps: list[str] = field(default_factory=lambda: ["p", "lfdr", "pi0", "posterior"])
+    max_images_per_forward: int = 256
+    autocast_dtype: Optional[str] = None  # noqa: UP045
+    seed: int = 0
+    log_images: int = 4
+    on_error: str = "warn"
+    std_factor: float = 1.0
+    all_channels: bool = True
+    patch_size: Optional[int] = None  # noqa: UP045
+
+    def __post_init__(self) -> None:
+        _require(self.method in available_methods(), "method", self.method, f"choose one of {available_methods()}")
+        _require(
+            _is_int(self.n_bootstrap) and self.n_bootstrap >= 1, "n_bootstrap", self.n_bootstrap, "need an int >= 1"
+        )
+        try:
+            Thresholds(z_th=self.z_th, p_th=self.p_th, lfdr_th=self.lfdr_th, q_th=self.q_th)
+        except ValueError as err:
+            raise ValueError(f"attnreg.{err}") from None
+        _require(self.pi0 is None or 0.0 <= float(self.pi0) <= 1.0, "pi0", self.pi0, "need null or a float in [0, 1]")
+        _require(_is_int(self.num_images) and self.num_images >= 0, "num_images", self.num_images, "need an int >= 0")
+        _require(
+            _is_int(self.every_n_epochs) and self.every_n_epochs >= 1,
+            "every_n_epochs",
+            self.every_n_epochs,
+            "need >= 1",
+        )
+        unknown = [m for m in self.maps if m not in MAP_NAMES]
+        _require(not unknown, "maps", list(self.maps), f"unknown {unknown}; choose from {list(MAP_NAMES)}")
+        _require(
+            _is_int(self.max_images_per_forward) and self.max_images_per_forward >= 1,
+            "max_images_per_forward",
+            self.max_images_per_forward,
+            "need an int >= 1",
+        )
+        _require(
+            self.autocast_dtype is None or self.autocast_dtype in AUTOCAST_DTYPES,
+            "autocast_dtype",
+            self.autocast_dtype,
+            f"need null or one of {list(AUTOCAST_DTYPES)}",
+        )
+        _require(_is_int(self.seed), "seed", self.seed, "need an int")
+        _require(_is_int(self.log_images) and self.log_images >= 0, "log_images", self.log_images, "need an int >= 0")
+        _require(self.on_error in ON_ERROR, "on_error", self.on_error, f"choose one of {list(ON_ERROR)}")
+        _require(
+            math.isfinite(self.std_factor) and self.std_factor > 0, "std_factor", self.std_factor, "need a float > 0"
+        )
+        _require(
+            self.patch_size is None or (_is_int(self.patch_size) and self.patch_size >= 1),
+            "patch_size",
+            self.patch_size,
+            "need null or an int >= 1",
+        )
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(z_th=self.z_th, p_th=self.p_th, lfdr_th=self.lfdr_th, q_th=self.q_th)
+
+    def method_options(self) -> dict:
+        """Options of the chosen null generator."""
+        if self.method == "normal":
+            return {"std_factor": self.std_factor, "all_channels": self.all_channels}
+        if self.method == "uniform":
+            return {"all_channels": self.all_channels}
+        if self.method == "patch" and self.patch_size is not None:
+            return {"patch_size": self.patch_size}
+        return {}
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments of :class:`~attnreg_lightning.engine.AttentionRegularizer`."""
+        return {
+            "method": self.method,
+            "n_bootstrap": self.n_bootstrap,
+            "thresholds": self.thresholds,
+            "max_images_per_forward": self.max_images_per_forward,
+            "autocast_dtype": AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None,
+            "seed": self.seed,
+            "pi0": "estimate" if self.pi0 is None else float(self.pi0),
+            "method_options": self.method_options(),
+        }

@@ -1,0 +1,1 @@
+"""Datamodules: synthetic planted-object shapes (default, no download) and image folders."""

@@ -1,0 +1,212 @@
+"""Sparsity, shrinkage, localisation and calibration of regularized attention, as torchmetrics.
+
+Functional core first (per-image scores from a :class:`RegularizedAttention`), then three small ``Metric``
+classes whose states reduce by sum, so a DDP run reports what one process over the same images would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from attnreg_lightning.regularize import RegularizedAttention
+
+QUANTUS_EPS = 1e-7  # Quantus' Sparseness adds this before the Gini index
+
+
+def token_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Pixel masks ``[B, H, W]`` (or ``[B, 1, H, W]``) to token masks ``[B, T]``: tokens at least half covered."""
+    m = mask.float()
+    if m.dim() == 4:
+        m = m[:, 0]
+    if m.dim() != 3:
+        raise ValueError(f"masks must be [B, H, W] or [B, 1, H, W], got {tuple(mask.shape)}")
+    cover = torch.nn.functional.adaptive_avg_pool2d(m[:, None], grid)[:, 0]
+    return (cover >= 0.5).flatten(1)
+
+
+def gini(x: Tensor) -> Tensor:
+    """Gini index per row (Quantus' Sparseness): 0 for a flat map, towards 1 for a single token."""
+    a = (x.abs() + QUANTUS_EPS).sort(dim=1).values
+    n = a.shape[1]
+    weights = 2 * torch.arange(1, n + 1, device=a.device, dtype=a.dtype) - n - 1
+    return (a * weights).sum(1) / (n * a.sum(1))
+
+
+def entropy(x: Tensor) -> Tensor:
+    """Shannon entropy (nats) of each row normalized to sum one; NaN for an all-zero row."""
+    p = x.clamp_min(0) / x.clamp_min(0).sum(1, keepdim=True)
+    return -(p * p.clamp_min(1e-30).log()).sum(1)
+
+
+def region_mass(x: Tensor, region: Tensor) -> Tensor:
+    """Share of each row's mass inside ``region``; NaN where the row has no mass."""
+    x = x.clamp_min(0)
+    return (x * region).sum(1) / x.sum(1)
+
+
+def mean_percentile(x: Tensor, region: Tensor) -> Tensor:
+    """Mean percentile (0-100, mid-rank for ties) of the region's tokens among all tokens; NaN if no region."""
+    ordered = x.sort(dim=1).values.contiguous()
+    below = torch.searchsorted(ordered, x.contiguous(), right=False).to(x.dtype)
+    ties = torch.searchsorted(ordered, x.contiguous(), right=True).to(x.dtype) - below - 1
+    pct = 100 * (below + 0.5 * ties) / max(x.shape[1] - 1, 1)
+    return (pct * region).sum(1) / region.sum(1)
+
+
+def precision_recall_f1(selected: Tensor, region: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Of boolean ``[B, T]`` selections against a region; NaN where undefined (nothing selected / no region)."""
+    hit = (selected & region).sum(1).to(torch.float64)
+    precision = hit / selected.sum(1)
+    recall = hit / region.sum(1)
+    f1 = 2 * hit / (selected.sum(1) + region.sum(1))
+    return precision, recall, f1
+
+
+def topk_f1_curve(x: Tensor, region: Tensor, points: int) -> Tensor:
+    """F1 against ``region`` of each image's top-k tokens, for ``k = round(f T)``, ``f`` on ``points`` fractions."""
+    t = x.shape[1]
+    ranked = region.gather(1, x.argsort(dim=1, descending=True)).to(torch.float64)
+    hits = torch.cat([torch.zeros_like(ranked[:, :1]), ranked.cumsum(1)], 1)  # hits among the top-k, k = 0..T
+    k = torch.linspace(0, 1, points, device=x.device, dtype=torch.float64).mul(t).round().long()
+    return 2 * hits[:, k] / (k.to(torch.float64)[None] + region.sum(1, keepdim=True))
+
+
+def null_pvalues(reg: RegularizedAttention) -> Tensor:
+    """p-values of the null images' tokens against the same pool as the observed ones: ``[B, N T]``."""
+    sig = reg.significance
+    pool = torch.cat([sig.z.abs(), sig.z_null.abs().flatten(1)], 1).sort(1).values
+    count = torch.searchsorted(pool, sig.z_null.abs().flatten(1).contiguous(), right=True)
+    return 1.0 - count.to(pool.dtype) / pool.shape[1]
+
+
+def score_keys(maps: Sequence[str]) -> list[str]:
+    """Every key :func:`image_scores` can return for these maps (fixed, so all ranks hold the same states)."""
+    keys = ["pi0", "discoveries", "raw/gini", "raw/entropy"]
+    for region in ("roi", "noise"):
+        keys += [f"raw/{region}_mass", f"raw/{region}_percentile"]
+    for m in maps:
+        keys += [f"{m}/sparsity", f"{m}/retained_mass", f"{m}/gini", f"{m}/entropy"]
+        keys += [f"{m}/roi_precision", f"{m}/roi_recall", f"{m}/roi_f1", f"{m}/roi_mass", f"{m}/roi_percentile"]
+        keys += [f"{m}/noise_mass", f"{m}/noise_percentile"]
+    return keys
+
+
+def image_scores(
+    reg: RegularizedAttention, maps: Sequence[str], roi: Tensor | None = None, noise: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Per-image scores ``[B]`` of valid images; ``roi``/``noise`` are token masks ``[B, T]`` when known."""
+    raw = reg.attention
+    out = {
+        "pi0": reg.significance.pi0,
+        "discoveries": (reg.significance.lfdr <= reg.thresholds.lfdr_th).to(raw.dtype).mean(1),
+        "raw/gini": gini(raw),
+        "raw/entropy": entropy(raw),
+    }
+    for name, region in (("roi", roi), ("noise", noise)):
+        if region is not None:
+            out[f"raw/{name}_mass"] = region_mass(raw, region)
+            out[f"raw/{name}_percentile"] = mean_percentile(raw, region)
+    sparsity, retained = reg.sparsity, reg.retained_mass
+    for m in maps:
+        values = reg.maps[m]
+        out[f"{m}/sparsity"] = sparsity[m]
+        out[f"{m}/retained_mass"] = retained[m]
+        out[f"{m}/gini"] = gini(values)
+        out[f"{m}/entropy"] = entropy(values)
+        if roi is not None:
+            p, r, f1 = precision_recall_f1(values > 0, roi)
+            out.update({f"{m}/roi_precision": p, f"{m}/roi_recall": r, f"{m}/roi_f1": f1})
+            out[f"{m}/roi_mass"] = region_mass(values, roi)
+            out[f"{m}/roi_percentile"] = mean_percentile(values, roi)
+        if noise is not None:
+            out[f"{m}/noise_mass"] = region_mass(values, noise)
+            out[f"{m}/noise_percentile"] = mean_percentile(values, noise)
+    valid = reg.significance.valid
+    return {k: v.to(torch.float64)[valid] for k, v in out.items()}
+
+
+class MeanScores(Metric):
+    """Mean over images of each named per-image score; NaN scores (undefined for that image) are left out."""
+
+    full_state_update = False
+
+    def __init__(self, keys: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.keys = list(keys)
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        self.add_state("total", torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, scores: dict[str, Tensor]) -> None:
+        for key, values in scores.items():
+            finite = values[torch.isfinite(values)]
+            i = self._index[key]
+            self.total[i] += finite.sum()
+            self.count[i] += finite.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {k: self.total[i] / self.count[i] for i, k in enumerate(self.keys) if self.count[i] > 0}
+
+
+class NullCalibration(Metric):
+    """Signed RMSD of null-image p-values from Uniform(0, 1) (the paper's sRMSD), from a binned ECDF.
+
+    ``sign(sum D) * sqrt(mean D^2)`` with ``D = ECDF(u) - u`` at the inner bin edges: positive when the
+    null p-values pile up small (anti-conservative), negative when they are too large (conservative).
+    """
+
+    full_state_update = False
+
+    def __init__(self, bins: int = 100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bins = bins
+        self.add_state("hist", torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pvalues: Tensor) -> None:
+        idx = (pvalues.flatten() * self.bins).long().clamp(0, self.bins - 1)
+        self.hist += torch.bincount(idx, minlength=self.bins).to(self.hist)
+
+    def compute(self) -> Tensor:
+        total = self.hist.sum()
+        if total == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.hist.device)
+        ecdf = self.hist.cumsum(0)[:-1] / total
+        u = torch.arange(1, self.bins, device=ecdf.device, dtype=ecdf.dtype) / self.bins
+        d = ecdf - u
+        return torch.sign(d.sum()) * d.square().mean().sqrt()
+
+
+def curve_at(curve: Tensor, fraction: float | Tensor) -> Tensor:
+    """Linear interpolation of a curve sampled on evenly spaced fractions 0..1 at ``fraction``."""
+    points = curve.shape[0]
+    pos = min(max(float(fraction), 0.0), 1.0) * (points - 1)
+    lo = min(int(pos), points - 2)
+    return curve[lo] + (curve[lo + 1] - curve[lo]) * (pos - lo)
+
+
+class TopKBaseline(Metric):
+    """Mean over images of the top-k F1 curve against the ROI, on ``points`` kept fractions.
+
+    Read it with :func:`curve_at` at the mean kept fraction of a regularized map (e.g. ``lfdr``): the F1 of a
+    fixed global top-k with that sparsity, the honest baseline for the method's per-image choice of k.
+    """
+
+    full_state_update = False
+
+    def __init__(self, points: int = 201, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.points = points
+        self.add_state("curve", torch.zeros(points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, attention: Tensor, roi: Tensor) -> None:
+        has_roi = roi.any(1)
+        self.curve += topk_f1_curve(attention[has_roi], roi[has_roi], self.points).sum(0)
+        self.count += has_roi.sum()
+
+    def compute(self) -> Tensor:
+        return self.curve / self.count

@@ -1,0 +1,213 @@
+import csv
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
+from attnreg_lightning.callback import BatchView, default_batch_to_images
+from attnreg_lightning.metrics import score_keys
+from tests.helpers import tiny_data, tiny_module
+
+MAPS = ["p", "lfdr", "pi0", "posterior"]
+
+
+def _trainer(tmp_path, callbacks, logger=None, **kw):
+    return L.Trainer(
+        max_epochs=kw.pop("max_epochs", 2),
+        accelerator="cpu",
+        devices=1,
+        logger=logger if logger is not None else CSVLogger(tmp_path, name="csv"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **kw,
+    )
+
+
+def _read_csv(logger: CSVLogger) -> list[dict]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_logs_every_promised_metric(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=4, num_images=6, maps=MAPS, log_images=2)
+    _trainer(tmp_path, [cb], logger).fit(tiny_module(), tiny_data(noise_squares=1))
+    rows = _read_csv(logger)
+    logged = {k for r in rows for k, v in r.items() if v not in ("", None)}
+    promised = {f"attnreg/{k}" for k in score_keys(MAPS)} | {
+        "attnreg/null_srmsd",
+        "attnreg/topk/roi_f1",
+        "attnreg/explained",
+        "attnreg/skipped",
+    }
+    # precision is undefined for an image whose map keeps nothing; all else must be there
+    assert promised - logged <= {f"attnreg/{m}/roi_precision" for m in MAPS}
+    epochs = [r for r in rows if r.get("attnreg/explained")]
+    assert len(epochs) == 2 and all(float(r["attnreg/explained"]) == 6 for r in epochs)
+    assert all(0 <= float(r["attnreg/lfdr/sparsity"]) <= 1 for r in epochs)
+    # CSV logger: pictures as PNG under the log dir, one per logged image per epoch
+    pngs = sorted((Path(logger.log_dir) / "attnreg").glob("*.png"))
+    assert [p.name for p in pngs] == [f"epoch{e:03d}_image{i}.png" for e in range(2) for i in range(2)]
+    assert cb.explained_total == 12
+
+
+def test_training_is_unchanged_by_the_callback(tmp_path):
+    def run(callbacks):
+        L.seed_everything(7)
+        module = tiny_module(seed_weights=3)
+        _trainer(tmp_path, callbacks, logger=False, enable_checkpointing=False).fit(module, tiny_data())
+        return [p.detach().clone() for p in module.parameters()]
+
+    without = run([])
+    with_cb = run([AttentionRegularizationCallback(n_bootstrap=3, num_images=8)])
+    assert all(torch.equal(a, b) for a, b in zip(without, with_cb, strict=True))
+
+
+def test_every_n_epochs_and_sanity_check_skip(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, every_n_epochs=2, log_images=0)
+    _trainer(tmp_path, [cb], logger, max_epochs=3, num_sanity_val_steps=2).fit(tiny_module(), tiny_data())
+    epochs = [int(r["epoch"]) for r in _read_csv(logger) if r.get("attnreg/explained")]
+    assert epochs == [0, 2]
+    assert cb.explained_total == 8
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, seed=11, log_images=0)
+    _trainer(tmp_path, [cb, ckpt], max_epochs=1).fit(tiny_module(), tiny_data())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if "AttentionRegularizationCallback" in k)
+    assert state["explained_total"] == 4 and state["config"]["seed"] == 11
+
+    resumed = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, seed=11, log_images=0)
+    _trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=2).fit(
+        tiny_module(), tiny_data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert resumed.explained_total == 8
+
+
+def test_resumed_run_explains_the_same_images_with_the_same_nulls():
+    module = tiny_module().eval()
+    batch = next(iter(_val_loader()))
+    a = AttentionRegularizationCallback(n_bootstrap=3, seed=5)
+    a.setup(None, module, "validate")
+    b = AttentionRegularizationCallback(n_bootstrap=3, seed=0)
+    b.setup(None, module, "validate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b.load_state_dict(a.state_dict())
+    x, ids = batch[0][:3], batch[3][:3]
+    torch.testing.assert_close(a.engine(x, ids).significance.z_null, b.engine(x, ids).significance.z_null)
+
+
+def _val_loader():
+    dm = tiny_data()
+    dm.setup()
+    return dm.val_dataloader()
+
+
+def test_degenerate_images_are_skipped_and_counted(tmp_path):
+    class Spoiled(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_data()
+
+        def setup(self, stage=None):
+            self.inner.setup(stage)
+
+        def train_dataloader(self):
+            return self.inner.train_dataloader()
+
+        def val_dataloader(self):
+            def spoil(batch):
+                x = batch[0].clone()
+                x[0] = 0.25  # constant image
+                x[1, 0, 0, 0] = float("nan")
+                return (x, *batch[1:])
+
+            return DataLoader([spoil(b) for b in self.inner.val_dataloader()], batch_size=None)
+
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=1)
+    with pytest.warns(UserWarning, match="degenerate"):
+        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), Spoiled())
+    rows = [r for r in _read_csv(logger) if r.get("attnreg/skipped")]
+    assert float(rows[-1]["attnreg/skipped"]) == 2 and float(rows[-1]["attnreg/explained"]) == 8
+
+    raising = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, on_error="raise")
+    with pytest.raises(ValueError, match="degenerate"):
+        _trainer(tmp_path, [raising], False, max_epochs=1, limit_train_batches=1).fit(tiny_module(), Spoiled())
+
+
+def test_tensorboard_gets_images_and_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=2)
+    _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=2).fit(tiny_module(), tiny_data())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"attnreg/maps/0", "attnreg/maps/1"} <= set(tags["images"])
+    assert {"attnreg/z_observed", "attnreg/z_null"} <= set(tags["histograms"])
+    assert "attnreg/lfdr/sparsity" in tags["scalars"]
+
+
+def test_unknown_logger_gets_scalars_and_one_warning(tmp_path):
+    from lightning.pytorch.loggers import Logger
+
+    class Plain(Logger):
+        name, version = "plain", 0
+        seen: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.seen.append(metrics)
+
+        def log_hyperparams(self, *a, **k):
+            pass
+
+    plain = Plain()
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=2, log_images=1)
+    with pytest.warns(UserWarning, match="scalars only") as record:
+        _trainer(tmp_path, [cb], plain, max_epochs=2, limit_train_batches=1).fit(tiny_module(), tiny_data())
+    assert sum("scalars only" in str(w.message) for w in record) == 1
+    assert any("attnreg/lfdr/sparsity" in m for m in plain.seen)
+
+
+def test_batch_readers():
+    x = torch.zeros(2, 3, 8, 8)
+    assert default_batch_to_images(x).images is x
+    v = default_batch_to_images((x, torch.ones(2), torch.ones(2, 8, 8), torch.tensor([5, 6])))
+    assert v.masks.shape == (2, 8, 8) and v.ids.tolist() == [5, 6] and v.noise_masks is None
+    d = default_batch_to_images({"image": x, "mask": torch.ones(2, 8, 8), "id": [1, 2]})
+    assert d.masks is not None and d.ids == [1, 2]
+    with pytest.raises(ValueError, match="image"):
+        default_batch_to_images({"pixels": x})
+    with pytest.raises(ValueError, match="batch_to_images"):
+        default_batch_to_images("nope")
+    cb = AttentionRegularizationCallback(batch_to_images=lambda b: BatchView(b["pixels"]))
+    assert cb.batch_to_images({"pixels": x}).images is x
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"attnreg\.n_bootstrap"):
+        AttentionRegularizationCallback(n_bootstrap=0)
+    with pytest.raises(ValueError, match=r"attnreg\.p_th"):
+        AttnRegConfig(p_th=2.0)
+    with pytest.raises(ValueError, match=r"attnreg\.maps"):
+        AttnRegConfig(maps=["lfdr", "nope"])
+    with pytest.raises(ValueError, match=r"attnreg\.method"):
+        AttnRegConfig(method="bogus")
+    with pytest.raises(ValueError, match=r"attnreg\.on_error"):
+        AttnRegConfig(on_error="ignore")
+    with pytest.raises(TypeError):
+        AttnRegConfig(n_bootstraps=3)
