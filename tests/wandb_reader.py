@@ -1,0 +1,70 @@
+"""A small reader for W&B's offline transaction log (``run-*.wandb``); wandb 0.31 ships none.
+
+The file is a 7-byte header (``":W&B"``, magic ``0xBEE1``, version 0) followed by 32 KiB blocks of
+LevelDB-style records: ``crc32 (uint32) | length (uint16) | type (uint8) | data``, where a record that does not
+fit in a block is split into FIRST/MIDDLE/LAST pieces and a block tail shorter than a record header is
+padding. Each whole record is a protobuf ``wandb.proto.wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+RECORD_HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    if (ident, magic, version) != (b":W&B", 0xBEE1, 0):
+        raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
+    records, pending, pos = [], b"", 7
+    while pos + RECORD_HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < RECORD_HEADER:
+            pos += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + RECORD_HEADER])
+        if kind == 0 and length == 0:  # zero fill at the end of a block
+            pos += left
+            continue
+        chunk = data[pos + RECORD_HEADER : pos + RECORD_HEADER + length]
+        pos += RECORD_HEADER + length
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
+            raise ValueError(f"{path}: bad checksum at byte {pos - length - RECORD_HEADER}")
+        if kind == FULL:
+            whole = chunk
+        elif kind == FIRST:
+            pending = chunk
+            continue
+        elif kind == MIDDLE:
+            pending += chunk
+            continue
+        elif kind == LAST:
+            whole, pending = pending + chunk, b""
+        else:
+            raise ValueError(f"{path}: unknown record type {kind}")
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(whole)
+        records.append(record)
+    return records
+
+
+def history_rows(path: str | Path) -> list[dict]:
+    """The run's history rows as dicts of key -> decoded JSON value."""
+    rows = []
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return rows
