@@ -52,11 +52,10 @@ def warn_unknown(names: list[str]) -> None:
 def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, epoch) -> None:
     import wandb
 
-    columns = ["epoch", "image", *rows[0].stats] if rows else ["epoch", "image"]
-    table = wandb.Table(columns=columns)
+    # The table holds numbers only: images in it would be encoded and stored a second time.
+    columns = ["epoch", *rows[0].stats] if rows else ["epoch"]
+    table = wandb.Table(columns=columns, data=[[epoch, *r.stats.values()] for r in rows])
     images = [wandb.Image(r.image, caption=r.caption) for r in rows]
-    for r, img in zip(rows, images, strict=True):
-        table.add_data(epoch, img, *r.stats.values())
     logger.log_metrics(
         {
             IMAGE_KEY: images,

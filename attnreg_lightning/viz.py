@@ -1,8 +1,8 @@
 """Pictures of regularized attention as uint8 arrays; no knowledge of any logger.
 
 A row per explained image: the input, then each map as a colour overlay on a grey copy of it. Attention
-panels (raw and regularized) share the raw map's colour scale, so what regularization removed or shrank
-shows as dark.
+panels (raw and regularized) share the raw map's colour scale (its min to its max), so what regularization
+removed or shrank shows as dark.
 """
 
 from __future__ import annotations
@@ -51,19 +51,20 @@ def panels(image: Tensor, reg: RegularizedAttention, index: int, maps: Sequence[
         return values[index].detach().float().cpu().numpy().reshape(reg.grid)
 
     raw = grid(reg.attention)
-    top = float(np.nanmax(raw)) if np.isfinite(raw).any() else 1.0
+    finite = np.isfinite(raw).any()
+    bottom, top = (float(np.nanmin(raw)), float(np.nanmax(raw))) if finite else (0.0, 1.0)
     pool = 1 + sig.z_null.shape[1]  # p >= 1 / (T (N + 1)) unless a token beats the whole pool
     z = grid(sig.z)
     zmax = max(float(np.abs(z).max()), 1e-6)
     out = {
         "input": base,
-        "raw": overlay(base, raw, 0.0, top),
+        "raw": overlay(base, raw, bottom, top),
         "z": overlay(base, z, -zmax, zmax, cmap="coolwarm"),
         "-log10 p": overlay(base, -np.log10(np.clip(grid(sig.p), 1e-12, 1)), 0.0, np.log10(pool * raw.size)),
         "lfdr": overlay(base, grid(sig.lfdr), 0.0, 1.0, cmap="viridis_r"),
     }
     for name in maps:
-        out[f"{name} map"] = overlay(base, grid(reg.maps[name]), 0.0, top)
+        out[f"{name} map"] = overlay(base, grid(reg.maps[name]), bottom, top)
     return out
 
 

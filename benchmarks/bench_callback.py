@@ -1,0 +1,91 @@
+"""Callback overhead beyond the engine's own compute: batch reading, metrics, pictures and logging.
+
+A real ``trainer.validate`` of the default app model (ViT-tiny, 8-px patches, 64-px planted shapes) with the
+callback and a W&B offline logger (pictures on); time inside the callback's hooks minus time inside the
+engine, over the engine time. Two validation epochs are timed separately: the first also pays one-time
+costs (wandb's lazy imports), the second is what every later epoch costs.
+Run: ``python benchmarks/bench_callback.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attnreg_lightning import AttentionRegularizationCallback  # noqa: E402
+from attnreg_lightning.data.shapes import ShapesDataModule  # noqa: E402
+from attnreg_lightning.models import ViTClassifier  # noqa: E402
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+class TimedCallback(AttentionRegularizationCallback):
+    """The callback with its hooks and its engine timed separately."""
+
+    def __init__(self, **knobs) -> None:
+        super().__init__(**knobs)
+        self.hooks, self.engine_time = Stopwatch(), Stopwatch()
+        for name in ("on_validation_epoch_start", "on_validation_batch_end", "on_validation_epoch_end"):
+            setattr(self, name, self.hooks.wrap(getattr(self, name)))
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.engine = self.engine_time.wrap(self.engine)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--num-images", type=int, default=64)
+    ap.add_argument("--n-bootstrap", type=int, default=10)
+    ap.add_argument("--log-images", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    from lightning.pytorch.loggers import WandbLogger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        L.seed_everything(0)
+        model = ViTClassifier(num_classes=4, model_kwargs={"img_size": 64, "patch_size": 8, "depth": 6})
+        data = ShapesDataModule(train_size=64, val_size=args.num_images, batch_size=32, image_size=64)
+        cb = TimedCallback(n_bootstrap=args.n_bootstrap, num_images=args.num_images, log_images=args.log_images)
+        logger = WandbLogger(project="attnreg-bench", save_dir=tmp, offline=True)
+        trainer = L.Trainer(
+            accelerator="cpu", logger=logger, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False
+        )
+        for epoch in ("first", "steady"):
+            cb.hooks.seconds = cb.engine_time.seconds = 0.0
+            trainer.validate(model, data, verbose=False)
+            engine, hooks = cb.engine_time.seconds, cb.hooks.seconds
+            row = {
+                "epoch": epoch, "images": args.num_images, "N": args.n_bootstrap, "log_images": args.log_images,
+                "engine_s": round(engine, 3), "callback_hooks_s": round(hooks, 3),
+                "overhead_over_engine": round((hooks - engine) / engine, 4),
+            }  # fmt: skip
+            print(json.dumps(row), flush=True)
+        import wandb
+
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    main()
