@@ -187,6 +187,11 @@ class AttentionRegularizationCallback(Callback):
         # compute() syncs across ranks, so every rank logs the same, already reduced, values
         values = {f"attnreg/{k}": v for k, v in self.scores.compute().items()}
         values["attnreg/null_srmsd"] = self.calibration.compute()
+        for m in self.config.maps:
+            # D: the share of attention on the noise squares kept by a map, relative to the raw map's
+            noise_mass, raw_noise = values.get(f"attnreg/{m}/noise_mass"), values.get("attnreg/raw/noise_mass")
+            if noise_mass is not None and raw_noise is not None and raw_noise > 0:
+                values[f"attnreg/{m}/noise_d"] = noise_mass / raw_noise
         kept = values.get("attnreg/lfdr/sparsity")
         if kept is not None and self.topk.count > 0:
             values["attnreg/topk/roi_f1"] = curve_at(self.topk.compute(), 1 - kept)

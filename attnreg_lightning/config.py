@@ -127,3 +127,10 @@ class AttnRegConfig:
             "pi0": "estimate" if self.pi0 is None else float(self.pi0),
             "method_options": self.method_options(),
         }
+
+
+def register_configs() -> None:
+    """Register the structured config schemas with Hydra (``attnreg/schema``), so composition type-checks keys."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="attnreg", name="schema", node=AttnRegConfig)

@@ -21,15 +21,19 @@ def create_vit(
     **model_kwargs: Any,
 ) -> nn.Module:
     """A timm model; ``checkpoint_path`` (.safetensors/.pth/.bin) loads local weights through timm's own loader,
-    which adapts the classifier and position embeddings as it does for hub weights."""
+    as it loads hub weights: position embeddings adapted, the classifier kept when its size matches
+    ``num_classes`` and freshly initialized when it does not."""
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.is_file():
             raise ValueError(f"model.checkpoint_path={checkpoint_path!r} is not a file")
+        # timm keeps the file's classifier only if the pretrained config says it has num_classes outputs
+        classifier = timm.models.get_pretrained_cfg(model_name).classifier or "head"
+        head = timm.models.load_state_dict(str(path)).get(f"{classifier}.weight")
+        overlay = {"file": str(path), "num_classes": head.shape[0] if head is not None else 0}
         return timm.create_model(
-            model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=num_classes,
-            **model_kwargs,
-        )  # fmt: skip
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **model_kwargs
+        )
     return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
 
 

@@ -1,0 +1,114 @@
+"""Image folders: any torchvision ``ImageFolder`` tree with ``train/`` and ``val/`` splits, optional masks.
+
+    root/train/<class>/<name>.png|jpg ...     root/val/<class>/<name>.png|jpg ...
+    root/masks/val/<class>/<name>.png         (optional: object masks, non-zero = object)
+
+Resize and normalization come from the timm model's pretrained config. Items are dicts with ``image``,
+``label``, ``id`` and, where a mask file exists for every image of the split, ``mask``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+
+def model_transform(model_name: str, image_size: int) -> transforms.Compose:
+    """Resize (shorter side), centre-crop and normalize as the model's pretrained config says."""
+    cfg = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(model_name).to_dict())
+    interpolation = transforms.InterpolationMode(cfg.get("interpolation", "bicubic"))
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=interpolation),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+
+
+class MaskedImageFolder(Dataset):
+    """An ``ImageFolder`` split whose items carry a sample id and, when present, a mask resized alike."""
+
+    def __init__(self, root: Path, transform, image_size: int, mask_root: Path | None, id_offset: int) -> None:
+        self.folder = datasets.ImageFolder(str(root), transform=transform)
+        self.image_size, self.id_offset = image_size, id_offset
+        self.mask_paths = None
+        if mask_root is not None and mask_root.is_dir():
+            paths = [mask_root / Path(p).relative_to(root).with_suffix(".png") for p, _ in self.folder.samples]
+            if all(p.is_file() for p in paths):
+                self.mask_paths = paths
+        self.mask_transform = transforms.Compose(
+            [
+                transforms.Resize(image_size, interpolation=transforms.InterpolationMode.NEAREST),
+                transforms.CenterCrop(image_size),
+                transforms.PILToTensor(),
+            ]
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.folder[index]
+        item = {"image": image, "label": label, "id": self.id_offset + index}
+        if self.mask_paths is not None:
+            mask = self.mask_transform(Image.open(self.mask_paths[index]).convert("L"))[0]
+            item["mask"] = (mask > 0).to(torch.float32)
+        return item
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """``root/train`` and ``root/val`` image folders; ``num_classes`` must match the class folders."""
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        model_name: str,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        mask_dir: str = "masks",
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        for split in ("train", "val"):
+            if not (self.root / split).is_dir():
+                raise ValueError(
+                    f"data.root={root!r} has no '{split}' folder (expected ImageFolder trees train/ and val/)"
+                )
+        self.num_classes, self.image_size = num_classes, image_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.transform = model_transform(model_name, image_size)
+        self.mask_dir = mask_dir
+
+    def setup(self, stage: str | None = None) -> None:
+        sets = {}
+        for offset, split in enumerate(("train", "val")):
+            mask_root = self.root / self.mask_dir / split if self.mask_dir else None
+            sets[split] = MaskedImageFolder(
+                self.root / split, self.transform, self.image_size, mask_root, offset * 10_000_000
+            )
+        if len(sets["train"].classes) != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={self.num_classes} but {self.root / 'train'} has "
+                f"{len(sets['train'].classes)} class folders {sets['train'].classes}"
+            )
+        self.train_set, self.val_set = sets["train"], sets["val"]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers)

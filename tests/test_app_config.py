@@ -1,0 +1,122 @@
+"""Hydra config tree: every group option composes, and bad values fail at start-up with the key named."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from attnreg_lightning import AttnRegConfig
+from attnreg_lightning.config import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+
+def _compose(*overrides: str, return_hydra_config: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_promised_options():
+    assert {"vit_tiny", "vit_small_dino", "deit_small"} <= set(_options("model"))
+    assert {"shapes", "image_folder"} <= set(_options("data"))
+    assert {"default", "paper"} <= set(_options("attnreg"))
+    assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= set(_options("trainer"))
+    assert {"wandb", "tensorboard", "csv", "none"} <= set(_options("logger"))
+    assert _options("experiment") and _options("hparams_search")
+
+
+@pytest.mark.parametrize("option", _options("model"))
+def test_model_options_compose(option):
+    cfg = _compose(f"model={option}")
+    assert cfg.model._target_ == "attnreg_lightning.models.ViTClassifier"
+    assert cfg.model.num_classes == cfg.data.num_classes
+
+
+def test_vit_small_dino_is_the_papers_model():
+    cfg = _compose("model=vit_small_dino")
+    assert cfg.model.model_name.startswith("vit_small_patch8_224") and cfg.model.pretrained is True
+
+
+@pytest.mark.parametrize("option", _options("data"))
+def test_data_options_compose(option):
+    extra = ["data.root=/tmp/images", "data.num_classes=3"] if option == "image_folder" else []
+    cfg = _compose(f"data={option}", *extra)
+    OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+
+
+def test_shapes_and_default_model_instantiate():
+    cfg = _compose()
+    data = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    assert data.num_classes == model.vit.num_classes == 4
+
+
+@pytest.mark.parametrize("option", _options("attnreg"))
+def test_attnreg_options_validate(option):
+    cfg = _compose(f"attnreg={option}")
+    AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
+
+
+def test_paper_preset_is_the_reference_defaults():
+    a = _compose("attnreg=paper").attnreg
+    assert (a.method, a.n_bootstrap, a.z_th, a.p_th, a.lfdr_th, a.pi0) == ("normal", 10, 0.0, 0.3, 0.3, None)
+
+
+@pytest.mark.parametrize("option", _options("trainer"))
+def test_trainer_options_compose(option):
+    cfg = _compose(f"trainer={option}", return_hydra_config=True)
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    if option == "ddp_cpu":
+        assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "cpu", 2)
+
+
+@pytest.mark.parametrize("option", _options("logger"))
+def test_logger_options_compose(option):
+    cfg = _compose(f"logger={option}", return_hydra_config=True)
+    if option == "wandb":
+        assert cfg.logger.offline is True
+    if option == "none":
+        assert not cfg.logger
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_experiment_options_compose(option):
+    _compose(f"experiment={option}")
+
+
+@pytest.mark.parametrize("option", _options("hparams_search"))
+def test_hparams_search_options_compose(option):
+    cfg = _compose(f"hparams_search={option}", return_hydra_config=True)
+    assert cfg.hydra.sweeper.params
+    assert cfg.optimized_metric.startswith("attnreg/")
+
+
+def test_typo_and_wrong_type_fail_at_composition_with_the_key():
+    with pytest.raises(ConfigCompositionException, match="n_bootstrapp"):
+        _compose("attnreg.n_bootstrapp=3")
+    with pytest.raises((ConfigCompositionException, ValidationError), match="n_bootstrap"):
+        _compose("attnreg.n_bootstrap=ten")
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        _compose("model.lrr=0.1")
+
+
+def test_out_of_range_fails_at_validation_with_the_key():
+    cfg = _compose("attnreg.p_th=1.5")
+    with pytest.raises(ValueError, match=r"attnreg\.p_th"):
+        AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
+
+
+def test_struct_mode_rejects_unknown_top_level_keys():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        _compose("seedd=1")

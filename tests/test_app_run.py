@@ -1,0 +1,117 @@
+"""``python train.py`` as a user runs it: subprocesses on CPU with tiny overrides."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.train_size=48",
+    "data.val_size=16",
+    "data.batch_size=16",
+    "data.image_size=48",
+    "model.model_kwargs.depth=2",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "attnreg.n_bootstrap=2",
+    "attnreg.num_images=8",
+    "attnreg.log_images=1",
+]
+
+
+def run_app(tmp_path: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_train_writes_metrics_and_says_where_wandb_went(tmp_path):
+    proc = run_app(tmp_path, *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    _ok(proc)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "val/acc" in metrics and "attnreg/lfdr/sparsity" in metrics and "attnreg/topk/roi_f1" in metrics
+    assert metrics["attnreg/explained"] == 8
+    assert "wandb sync" in proc.stdout
+    (run_file,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 0
+    assert list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+
+
+def test_ddp_cpu_runs_two_processes(tmp_path):
+    proc = run_app(tmp_path, *TINY, "trainer=ddp_cpu", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
+    _ok(proc)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["attnreg/explained"] == 16  # 8 images on each of 2 ranks
+
+
+def test_multirun_sweeps_the_method_knobs(tmp_path):
+    proc = run_app(
+        tmp_path,
+        "-m",
+        "attnreg.method=normal,pixel",
+        "attnreg.n_bootstrap=1,10",
+        *[o for o in TINY if not o.startswith("attnreg.n_bootstrap")],
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+    )
+    _ok(proc)
+    runs = sorted((tmp_path / "multi").glob("*/metrics.json"))
+    assert len(runs) == 4
+    overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs]
+    assert sum("attnreg.method=pixel" in o for o in overrides) == 2
+    assert sum("attnreg.n_bootstrap=10" in o for o in overrides) == 2
+    sparsities = {json.loads(p.read_text())["attnreg/lfdr/sparsity"] for p in runs}
+    assert len(sparsities) > 1  # the knobs change the maps
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("attnreg.p_th=1.5", "attnreg.p_th"),
+        ("attnreg.n_bootstrapp=3", "n_bootstrapp"),
+        ("attnreg.method=gauss", "attnreg.method"),
+        ("model.lrr=0.1", "lrr"),
+        ("trainer=tpu", "trainer"),
+    ],
+)
+def test_bad_overrides_fail_fast_naming_the_key(tmp_path, override, named):
+    proc = run_app(tmp_path, *TINY, override, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode != 0
+    assert named in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any training
+
+
+def test_image_folder_end_to_end(tmp_path):
+    from tests.test_data import write_image_tree
+
+    root = write_image_tree(tmp_path / "images", size=40)
+    proc = run_app(
+        tmp_path,
+        *[o for o in TINY if not o.startswith("data.")],
+        "data=image_folder",
+        f"data.root={root}",
+        "data.num_classes=2",
+        "data.image_size=48",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    _ok(proc)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["attnreg/explained"] == 6  # every val image (3 per class), masks read from disk
+    assert "attnreg/lfdr/roi_mass" in metrics

@@ -1,0 +1,106 @@
+"""Data and weights as a user brings them: image folders with real files, shapes, local checkpoints."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from attnreg_lightning.data.folder import ImageFolderDataModule
+from attnreg_lightning.data.shapes import PALETTE, ShapesDataset, ShapesSpec, render
+from attnreg_lightning.models import ViTClassifier, create_vit
+
+
+def write_image_tree(root: Path, size: int = 40, per_class: int = 3) -> Path:
+    """train/ and val/ with two classes, PNG and JPEG files, and PNG masks for val."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                pixels[10:20, 10:20] = (255 * c, 0, 255 * (1 - c))
+                ext = "png" if i % 2 == 0 else "jpg"
+                Image.fromarray(pixels).save(folder / f"img{i}.{ext}")
+                if split == "val":
+                    mask = np.zeros((size, size), np.uint8)
+                    mask[10:20, 10:20] = 255
+                    (root / "masks" / split / name).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask).save(root / "masks" / split / name / f"img{i}.png")
+    return root
+
+
+def test_image_folder_reads_files_masks_and_model_normalization(tmp_path):
+    root = write_image_tree(tmp_path)
+    dm = ImageFolderDataModule(str(root), num_classes=2, model_name="vit_tiny_patch16_224", image_size=32, batch_size=6)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (6, 3, 32, 32)
+    assert batch["label"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch["mask"].shape == (6, 32, 32) and set(batch["mask"].unique().tolist()) == {0.0, 1.0}
+    # masks resized alike: the 10..20 square of a 40 px image lands at 8..16 of 32 px
+    assert batch["mask"][0, 8:16, 8:16].all() and batch["mask"][0, :7].sum() == 0
+    assert batch["id"].tolist() == [10_000_000 + i for i in range(6)]
+    # vit_tiny's pretrained config normalizes with mean = std = 0.5: pixels land in [-1, 1]
+    assert batch["image"].min() >= -1 - 1e-6 and batch["image"].max() <= 1 + 1e-6
+    train = next(iter(dm.train_dataloader()))
+    assert "mask" not in train  # no masks for train in this tree
+
+
+def test_image_folder_errors_name_the_key(tmp_path):
+    root = write_image_tree(tmp_path)
+    with pytest.raises(ValueError, match="data.root"):
+        ImageFolderDataModule(str(tmp_path / "nowhere"), 2, "vit_tiny_patch16_224")
+    dm = ImageFolderDataModule(str(root), 5, "vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="data.num_classes=5"):
+        dm.setup()
+
+
+def test_shapes_are_deterministic_and_label_carried_by_colour():
+    spec = ShapesSpec(image_size=64, noise_squares=2)
+    a, b = render(spec, 5), render(spec, 5)
+    assert np.array_equal(a["image"], b["image"]) and a["label"] == b["label"]
+    assert not np.array_equal(render(spec, 6)["image"], a["image"])
+    assert not (a["mask"] & a["noise_mask"]).any() and a["noise_mask"].sum() == 2 * 64
+    ds = ShapesDataset(200, ShapesSpec(image_size=64))
+    fractions = [ds[i][2].mean().item() for i in range(200)]
+    assert 0.03 < np.mean(fractions) < 0.1
+    # the object's mean colour identifies the label
+    for i in range(20):
+        image, label, mask, sample_id = ds[i]
+        colour = (image * 0.5 + 0.5)[:, mask.bool()].mean(1).numpy()
+        palette = PALETTE[: ds.spec.num_classes]
+        direction = palette / np.linalg.norm(palette, axis=1, keepdims=True)
+        assert int((direction @ (colour / np.linalg.norm(colour))).argmax()) == label
+        assert sample_id == i
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_checkpoint_path_loads_local_weights(tmp_path, suffix):
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2}
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=4, **kwargs)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    loaded = create_vit("vit_tiny_patch16_224", num_classes=4, checkpoint_path=str(path), **kwargs)
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # a different head size: backbone loaded, new head
+    other = create_vit("vit_tiny_patch16_224", num_classes=7, checkpoint_path=str(path), **kwargs)
+    assert torch.equal(other.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert other.head.out_features == 7
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        create_vit("vit_tiny_patch16_224", num_classes=4, checkpoint_path=str(tmp_path / "missing.pth"))
+
+
+def test_linear_probe_trains_only_the_head():
+    module = ViTClassifier(model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}, freeze_backbone=True)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"vit.head.weight", "vit.head.bias"}
