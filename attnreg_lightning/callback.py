@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torchmetrics import Metric
 from typing_extensions import override
 
 from attnreg_lightning.attention import check_model, resolve_vit
@@ -58,6 +60,13 @@ def default_batch_to_images(batch: Any) -> BatchView:
         extra = list(batch[2:5]) + [None] * (5 - len(batch))
         return BatchView(batch[0], *extra[:3])
     raise ValueError(f"can't find images in a batch of type {type(batch).__name__}; pass batch_to_images=...")
+
+
+def _compute(metric: Metric):
+    """``metric.compute()``; a rank that explained nothing still takes part in the sync, without a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+        return metric.compute()
 
 
 class AttentionRegularizationCallback(Callback):
@@ -184,17 +193,18 @@ class AttentionRegularizationCallback(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
             return
-        # compute() syncs across ranks, so every rank logs the same, already reduced, values
-        values = {f"attnreg/{k}": v for k, v in self.scores.compute().items()}
-        values["attnreg/null_srmsd"] = self.calibration.compute()
+        # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
+        scores, srmsd, curve = (_compute(m) for m in (self.scores, self.calibration, self.topk))
+        values = {f"attnreg/{k}": v for k, v in scores.items()}
+        values["attnreg/null_srmsd"] = srmsd
         for m in self.config.maps:
             # D: the share of attention on the noise squares kept by a map, relative to the raw map's
             noise_mass, raw_noise = values.get(f"attnreg/{m}/noise_mass"), values.get("attnreg/raw/noise_mass")
             if noise_mass is not None and raw_noise is not None and raw_noise > 0:
                 values[f"attnreg/{m}/noise_d"] = noise_mass / raw_noise
         kept = values.get("attnreg/lfdr/sparsity")
-        if kept is not None and self.topk.count > 0:
-            values["attnreg/topk/roi_f1"] = curve_at(self.topk.compute(), 1 - kept)
+        if kept is not None and torch.isfinite(curve).all():  # curve is NaN when no rank saw a mask
+            values["attnreg/topk/roi_f1"] = curve_at(curve, 1 - kept)
         values = {k: v.float() for k, v in values.items() if torch.isfinite(v)}
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
         counts = torch.tensor([self._explained, self._skipped], dtype=torch.float32, device=pl_module.device)

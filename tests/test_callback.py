@@ -211,3 +211,29 @@ def test_config_errors_name_the_key():
         AttnRegConfig(on_error="ignore")
     with pytest.raises(TypeError):
         AttnRegConfig(n_bootstraps=3)
+
+
+def test_batches_without_masks_log_no_roi_metrics_and_no_warning(tmp_path):
+    class NoMasks(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_data()
+
+        def setup(self, stage=None):
+            self.inner.setup(stage)
+
+        def train_dataloader(self):
+            return self.inner.train_dataloader()
+
+        def val_dataloader(self):
+            return DataLoader([(b[0], b[1]) for b in self.inner.val_dataloader()], batch_size=None)
+
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), NoMasks())
+    assert not [w for w in caught if "before the ``update``" in str(w.message)]
+    logged = {k for r in _read_csv(logger) for k, v in r.items() if v}
+    assert "attnreg/lfdr/sparsity" in logged and "attnreg/null_srmsd" in logged
+    assert not {k for k in logged if "roi" in k or "noise" in k}
