@@ -27,6 +27,7 @@ def _trainer(tmp_path, callbacks, logger=None, **kw):
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        default_root_dir=tmp_path,
         **kw,
     )
 
