@@ -114,6 +114,23 @@ def null_images(images: Tensor, n: int, method: str, generator: torch.Generator,
     return fn(images, n, generator, **options)
 
 
+def null_stream(
+    images: Tensor, n: int, method: str, generator: torch.Generator | Sequence[torch.Generator], **options
+) -> Iterator[Tensor]:
+    """Yield each image's ``[N, C, H, W]`` null images in turn (inputs validated before the first one).
+
+    ``generator`` may be one generator (consumed image after image) or one per image, which makes each
+    image's nulls independent of which other images share its batch.
+    """
+    fn = get_null_generator(method)
+    gens = [generator] * images.shape[0] if isinstance(generator, torch.Generator) else list(generator)
+    if len(gens) != images.shape[0]:
+        raise ValueError(f"generator: got {len(gens)} generators for {images.shape[0]} images")
+    for g in gens:
+        _check(images, n, g)
+    return (fn(images[i : i + 1], n, g, **options)[0] for i, g in enumerate(gens))
+
+
 def iter_null_chunks(
     images: Tensor,
     n: int,
@@ -124,19 +141,12 @@ def iter_null_chunks(
 ) -> Iterator[Tensor]:
     """Yield the ``B * N`` null images as ``[k, C, H, W]`` chunks (``k <= max_images``) in (image, sample) order.
 
-    Nulls are drawn one input image at a time, so at most ``max_images + N`` images exist at once.
-    ``generator`` may be one generator (consumed image after image) or one per image, which makes each
-    image's nulls independent of which other images share its batch.
+    Nulls are drawn one input image at a time (see :func:`null_stream`), so at most ``max_images + N``
+    images exist at once.
     """
-    fn = get_null_generator(method)
-    gens = [generator] * images.shape[0] if isinstance(generator, torch.Generator) else list(generator)
-    if len(gens) != images.shape[0]:
-        raise ValueError(f"generator: got {len(gens)} generators for {images.shape[0]} images")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
-    for g in gens:
-        _check(images, n, g)
-    return rechunk((fn(images[i : i + 1], n, g, **options)[0] for i, g in enumerate(gens)), max_images)
+    return rechunk(null_stream(images, n, method, generator, **options), max_images)
 
 
 def rechunk(parts: Iterable[Tensor], size: int) -> Iterator[Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnreg_lightning.attention import check_model, cls_attention, resolve_vit, token_grid
-from attnreg_lightning.bootstrap import get_null_generator, iter_null_chunks, rechunk
+from attnreg_lightning.bootstrap import get_null_generator, null_stream, rechunk
 from attnreg_lightning.regularize import RegularizedAttention, Thresholds, regularize
 from attnreg_lightning.stats import significance
 
@@ -76,9 +76,8 @@ class AttentionRegularizer:
         get_null_generator(method)
         if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be an integer >= 1, got {n_bootstrap!r}")
-        if isinstance(max_images_per_forward, bool) or not isinstance(max_images_per_forward, int):
-            raise ValueError(f"max_images_per_forward must be an integer >= 1, got {max_images_per_forward!r}")
-        if max_images_per_forward < 1:
+        valid_chunk = isinstance(max_images_per_forward, int) and not isinstance(max_images_per_forward, bool)
+        if not valid_chunk or max_images_per_forward < 1:
             raise ValueError(f"max_images_per_forward must be an integer >= 1, got {max_images_per_forward!r}")
         check_model(resolve_vit(model))
         self.model = model
@@ -128,7 +127,7 @@ class AttentionRegularizer:
         flat = images.flatten(1)
         usable = torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
         safe = torch.where(usable[:, None, None, None], images, torch.zeros_like(images)).nan_to_num()
-        nulls = iter_null_chunks(safe, n, self.method, gens, self.max_images_per_forward, **self.method_options)
+        nulls = null_stream(safe, n, self.method, gens, **self.method_options)
         with eval_mode(self.model):
             # observed images first, then their nulls, packed into full forward passes
             attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
