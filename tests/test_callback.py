@@ -32,6 +32,23 @@ def _trainer(tmp_path, callbacks, logger=None, **kw):
     )
 
 
+class MappedVal(L.LightningDataModule):
+    """The tiny shapes data with every validation batch passed through ``fn`` (spoiled, masks dropped, ...)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.inner, self.fn = tiny_data(), fn
+
+    def setup(self, stage=None):
+        self.inner.setup(stage)
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
+
+    def val_dataloader(self):
+        return DataLoader([self.fn(b) for b in self.inner.val_dataloader()], batch_size=None)
+
+
 def _read_csv(logger: CSVLogger) -> list[dict]:
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -117,36 +134,22 @@ def _val_loader():
 
 
 def test_degenerate_images_are_skipped_and_counted(tmp_path):
-    class Spoiled(L.LightningDataModule):
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_data()
-
-        def setup(self, stage=None):
-            self.inner.setup(stage)
-
-        def train_dataloader(self):
-            return self.inner.train_dataloader()
-
-        def val_dataloader(self):
-            def spoil(batch):
-                x = batch[0].clone()
-                x[0] = 0.25  # constant image
-                x[1, 0, 0, 0] = float("nan")
-                return (x, *batch[1:])
-
-            return DataLoader([spoil(b) for b in self.inner.val_dataloader()], batch_size=None)
+    def spoil(batch):
+        x = batch[0].clone()
+        x[0] = 0.25  # constant image
+        x[1, 0, 0, 0] = float("nan")
+        return (x, *batch[1:])
 
     logger = CSVLogger(tmp_path, name="csv")
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=1)
     with pytest.warns(UserWarning, match="degenerate"):
-        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), Spoiled())
+        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), MappedVal(spoil))
     rows = [r for r in _read_csv(logger) if r.get("attnreg/skipped")]
     assert float(rows[-1]["attnreg/skipped"]) == 2 and float(rows[-1]["attnreg/explained"]) == 8
 
     raising = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, on_error="raise")
     with pytest.raises(ValueError, match="degenerate"):
-        _trainer(tmp_path, [raising], False, max_epochs=1, limit_train_batches=1).fit(tiny_module(), Spoiled())
+        _trainer(tmp_path, [raising], False, max_epochs=1, limit_train_batches=1).fit(tiny_module(), MappedVal(spoil))
 
 
 def test_tensorboard_gets_images_and_histograms(tmp_path):
@@ -215,25 +218,13 @@ def test_config_errors_name_the_key():
 
 
 def test_batches_without_masks_log_no_roi_metrics_and_no_warning(tmp_path):
-    class NoMasks(L.LightningDataModule):
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_data()
-
-        def setup(self, stage=None):
-            self.inner.setup(stage)
-
-        def train_dataloader(self):
-            return self.inner.train_dataloader()
-
-        def val_dataloader(self):
-            return DataLoader([(b[0], b[1]) for b in self.inner.val_dataloader()], batch_size=None)
-
     logger = CSVLogger(tmp_path, name="csv")
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), NoMasks())
+        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(
+            tiny_module(), MappedVal(lambda b: (b[0], b[1]))
+        )
     assert not [w for w in caught if "before the ``update``" in str(w.message)]
     logged = {k for r in _read_csv(logger) for k, v in r.items() if v}
     assert "attnreg/lfdr/sparsity" in logged and "attnreg/null_srmsd" in logged
