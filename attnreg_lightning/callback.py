@@ -169,8 +169,8 @@ class AttentionRegularizationCallback(Callback):
             self._skipped += bad
         if not bool(valid.any()):
             return
-        roi = None if view.masks is None else token_mask(view.masks[:take].to(images.device), reg.grid)
-        noise = None if view.noise_masks is None else token_mask(view.noise_masks[:take].to(images.device), reg.grid)
+        roi = self._token_mask(view.masks, take, reg.grid, images.device)
+        noise = self._token_mask(view.noise_masks, take, reg.grid, images.device)
         scores = image_scores(reg, cfg.maps, roi, noise)
         self.scores.update(scores)
         self.calibration.update(null_pvalues(reg)[valid])
@@ -178,6 +178,11 @@ class AttentionRegularizationCallback(Callback):
             self.topk.update(reg.attention[valid], roi[valid])
         if trainer.is_global_zero:
             self._collect_pictures(images, reg, ids, scores)
+
+    @staticmethod
+    def _token_mask(masks: Tensor | None, take: int, grid, device) -> Tensor | None:
+        # without a known token grid (a model that only offers get_last_selfattention) masks can't be mapped
+        return None if masks is None or grid is None else token_mask(torch.as_tensor(masks[:take]).to(device), grid)
 
     def _collect_pictures(self, images: Tensor, reg, ids: list[int], scores: dict[str, Tensor]) -> None:
         valid_rows = reg.significance.valid.nonzero().flatten().tolist()
