@@ -115,3 +115,20 @@ def test_image_folder_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["attnreg/explained"] == 6  # every val image (3 per class), masks read from disk
     assert "attnreg/lfdr/roi_mass" in metrics
+
+
+def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
+    proc = run_app(
+        tmp_path,
+        "hparams_search=attnreg_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        *[o for o in TINY if not o.startswith("attnreg.n_bootstrap")],
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path / 'optuna'}",
+    )
+    _ok(proc)
+    results = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
+    for knob in ("attnreg.method", "attnreg.n_bootstrap", "attnreg.p_th", "attnreg.lfdr_th"):
+        assert knob in results
+    assert len(list((tmp_path / "optuna").glob("*/metrics.json"))) == 2
