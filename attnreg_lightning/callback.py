@@ -26,10 +26,10 @@ from attnreg_lightning.metrics import (
     TopKBaseline,
     curve_at,
     image_scores,
-    null_pvalues,
     score_keys,
     token_mask,
 )
+from attnreg_lightning.stats import null_pvalues
 from attnreg_lightning.viz import picture_row
 
 _FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries none
@@ -173,7 +173,7 @@ class AttentionRegularizationCallback(Callback):
         noise = self._token_mask(view.noise_masks, take, reg.grid, images.device)
         scores = image_scores(reg, cfg.maps, roi, noise)
         self.scores.update(scores)
-        self.calibration.update(null_pvalues(reg)[valid])
+        self.calibration.update(null_pvalues(reg.significance)[valid])
         if roi is not None:
             self.topk.update(reg.attention[valid], roi[valid])
         if trainer.is_global_zero:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -110,11 +110,9 @@ class AttentionRegularizer:
     def _attention(self, chunks: Iterable[Tensor]) -> Tensor:
         outs = []
         for chunk in chunks:
-            if self.autocast_dtype is None:
+            amp = torch.autocast(chunk.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+            with amp:
                 outs.append(self._read(self.model, chunk))
-            else:
-                with torch.autocast(chunk.device.type, dtype=self.autocast_dtype):
-                    outs.append(self._read(self.model, chunk))
         return torch.cat(outs)
 
     @torch.no_grad()

@@ -75,14 +75,6 @@ def topk_f1_curve(x: Tensor, region: Tensor, points: int) -> Tensor:
     return 2 * hits[:, k] / (k.to(torch.float64)[None] + region.sum(1, keepdim=True))
 
 
-def null_pvalues(reg: RegularizedAttention) -> Tensor:
-    """p-values of the null images' tokens against the same pool as the observed ones: ``[B, N T]``."""
-    sig = reg.significance
-    pool = torch.cat([sig.z.abs(), sig.z_null.abs().flatten(1)], 1).sort(1).values
-    count = torch.searchsorted(pool, sig.z_null.abs().flatten(1).contiguous(), right=True)
-    return 1.0 - count.to(pool.dtype) / pool.shape[1]
-
-
 def score_keys(maps: Sequence[str]) -> list[str]:
     """Every key :func:`image_scores` can return for these maps (fixed, so all ranks hold the same states)."""
     keys = ["pi0", "discoveries", "raw/gini", "raw/entropy"]

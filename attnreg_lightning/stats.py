@@ -77,6 +77,14 @@ def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Te
     return 1.0 - count.to(z.dtype) / (obs.shape[1] + nulls.shape[1])
 
 
+def null_pvalues(sig: Significance) -> Tensor:
+    """p-values of the null images' tokens against the same pool as the observed ones, ``[B, N T]``: under
+    a calibrated null they are Uniform(0, 1) (the metrics' sRMSD measures how far they are)."""
+    pool = torch.cat([sig.z.abs(), sig.z_null.abs().flatten(1)], 1).sort(1).values
+    count = torch.searchsorted(pool, sig.z_null.abs().flatten(1).contiguous(), right=True)
+    return 1.0 - count.to(pool.dtype) / pool.shape[1]
+
+
 def storey_pi0(p: Tensor, lam: float = STOREY_LAMBDA) -> Tensor:
     """Storey's ``min(1, #{p > lam} / (T (1 - lam)))`` per image."""
     return ((p > lam).sum(dim=1).to(p.dtype) / (p.shape[1] * (1 - lam))).clamp(max=1.0)
