@@ -30,7 +30,7 @@ class Significance:
     """Per-token statistics of a batch; shapes ``B`` images, ``N`` nulls, ``T`` tokens.
 
     ``valid[b]`` is False where image ``b`` is degenerate (non-finite attention, or null attention with no
-    spread): its statistics are placeholders (z = 0, p = 1, lfdr = 1, q = 1) that select no token.
+    spread beyond rounding): its statistics are placeholders (z = 0, p = 1, lfdr = 1, q = 1) that select no token.
     """
 
     z: Tensor  # [B, T]
@@ -44,15 +44,18 @@ class Significance:
 
 def zscores(obs: Tensor, null: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Log-scale z-scores of observed ``[B, T]`` and null ``[B, N, T]`` attention; also returns validity ``[B]``."""
-    log_obs = obs.clamp_min(ATTENTION_FLOOR).log()
-    log_null = null.clamp_min(ATTENTION_FLOOR).log()
-    flat = log_null.flatten(1)
-    mu = flat.mean(dim=1)
-    sd = flat.std(dim=1, correction=0)
-    valid = torch.isfinite(obs).all(1) & torch.isfinite(flat).all(1) & (sd > 0)
+    log_obs = obs.clamp_min(ATTENTION_FLOOR).log_()
+    log_null = null.clamp_min(ATTENTION_FLOOR).log_()
+    mu = log_null.mean(dim=(1, 2))
+    # two-pass population std (numpy's), sharing the centred values with z_null
+    centred = log_null.sub_(mu[:, None, None])
+    sd = centred.square().mean(dim=(1, 2)).sqrt_()
+    # a non-finite null value makes mu (hence sd) non-finite; a spread of a few ulps of the mean is the
+    # rounding of a constant null, not spread
+    valid = torch.isfinite(obs).all(1) & torch.isfinite(sd) & (sd > 8 * torch.finfo(sd.dtype).eps * mu.abs())
     sd = torch.where(valid, sd, torch.ones_like(sd))
     z = (log_obs - mu[:, None]) / sd[:, None]
-    z0 = (log_null - mu[:, None, None]) / sd[:, None, None]
+    z0 = centred.div_(sd[:, None, None])
     return z, z0, valid
 
 
@@ -102,12 +105,6 @@ def _lstsq(a: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(r, q.mT @ y.unsqueeze(-1), upper=True).squeeze(-1)
 
 
-def _poisson_deviance(y: Tensor, mu: Tensor) -> Tensor:
-    mu = mu.clamp_min(_EPS)
-    ratio = torch.where(y > 0, y / mu, torch.ones_like(y))
-    return 2 * (y * ratio.log() - (y - mu)).sum(dim=-1)
-
-
 def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     """Poisson log-link fit of ``y [B, K]`` on ``x [B, K, P]`` for all images at once, from ``start [B, P]``.
 
@@ -118,25 +115,33 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     """
     beta = start.clone()
     active = torch.arange(y.shape[0], device=y.device)
+    log_eps = math.log(_EPS)
+    log_y = y.log()
+
+    # Poisson deviance 2 sum(y log(max(y / mu, eps)) - y + mu) as statsmodels computes it, less the
+    # y-only term that cancels in the change the stop rule looks at.
+    def deviance(eta: Tensor, mu: Tensor) -> Tensor:
+        return 2 * (y * (log_y - eta).clamp_min_(log_eps) + mu).sum(dim=-1)
+
     eta = (x @ start.unsqueeze(-1)).squeeze(-1)
     mu = eta.exp()
-    dev = _poisson_deviance(y, mu)
+    dev = deviance(eta, mu)
     for _ in range(_IRLS_MAX_ITER):
         floored = mu.clamp_min(_EPS)
         # statsmodels' weights 1 / (g'(mu)^2 V(mu)) with g' = 1 / max(mu, eps): mu, or eps^2 / mu below eps,
         # which pins bins whose fitted mean has collapsed instead of letting them drift.
-        w = floored / mu.clamp_min(torch.finfo(mu.dtype).tiny).sqrt()
-        work = eta + (y - mu) / floored
-        new = _lstsq(x * w.unsqueeze(-1), work * w)
+        w = floored * mu.clamp_min(torch.finfo(mu.dtype).tiny).rsqrt()
+        work = (y - mu).div_(floored).add_(eta).mul_(w)
+        new = _lstsq(x * w.unsqueeze(-1), work)
         eta = (x @ new.unsqueeze(-1)).squeeze(-1)
         mu = eta.exp()
-        new_dev = _poisson_deviance(y, mu)
-        finished = ((new_dev - dev).abs() <= _IRLS_TOL) | ~torch.isfinite(new_dev)
+        new_dev = deviance(eta, mu)
+        finished = ~((new_dev - dev).abs() > _IRLS_TOL) | ~torch.isfinite(new_dev)
         dev = new_dev
         beta[active] = new
         if bool(finished.any()):
             keep = ~finished
-            active, x, y, eta, mu, dev = active[keep], x[keep], y[keep], eta[keep], mu[keep], dev[keep]
+            active, x, y, log_y, eta, mu, dev = (t[keep] for t in (active, x, y, log_y, eta, mu, dev))
             if active.numel() == 0:
                 break
     return beta
@@ -176,7 +181,11 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     design = design / scale
     start = _lstsq(design, counts.log1p())
     beta = _poisson_irls(design, counts, start)
-    fitted = ((_vander(zd, deg) / scale) @ beta.unsqueeze(-1)).squeeze(-1).exp()
+    coef = beta / scale.squeeze(1)  # of z^deg, ..., z, 1
+    log_fitted = coef[:, :1].expand_as(zd)
+    for k in range(1, deg + 1):  # Horner: no [B, T, deg + 1] design at the tokens
+        log_fitted = torch.addcmul(coef[:, k : k + 1], log_fitted, zd)
+    fitted = log_fitted.exp()
     width = (edges[:, 1] - edges[:, 0])[:, None]
     fz = fitted / (t * width)
     f0 = torch.exp(-0.5 * zd**2) / math.sqrt(2 * math.pi)
