@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from attnreg_lightning.regularize import MAP_NAMES, regularize
-from attnreg_lightning.stats import significance
+from attnreg_lightning.stats import pooled_pvalues, significance
 from tests.oracle import oracle_image, oracle_maps, oracle_pixel_level
 
 
@@ -207,3 +207,37 @@ def test_summary_numbers():
     # every threshold map is a subset of zreg
     for name in ("p", "lfdr", "pi0", "q"):
         assert ((reg.maps[name] > 0) <= (reg.maps["zreg"] > 0)).all()
+
+
+def _pool_pvalues(z: np.ndarray, z0: np.ndarray) -> np.ndarray:
+    """DESIGN.md's p-value by sorting the whole pool, one image at a time."""
+    out = np.empty_like(z)
+    for i in range(z.shape[0]):
+        pool = np.sort(np.concatenate([np.abs(z[i]), np.abs(z0[i]).ravel()]))
+        out[i] = 1.0 - np.searchsorted(pool, np.abs(z[i]), side="right") / pool.size
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pooled_counts_are_exact_on_ties_outliers_and_crowding(dtype):
+    rng = np.random.default_rng(13)
+    b, n, t = 6, 7, 300
+    z = rng.standard_t(3, size=(b, t))
+    z0 = rng.standard_t(3, size=(b, n, t))
+    z[0, :250] = -1.5  # one value shared by most tokens, and by some nulls on the other side of zero
+    z0[0, :, :40] = 1.5
+    z[1] = np.round(z[1] * 4) / 4  # heavy ties within the observed values and with the nulls
+    z0[1] = np.round(z0[1] * 4) / 4
+    z[2, 0] = 1e6  # one far outlier squeezes every other value into the lowest cells
+    z[3] = 0.0  # all observed values equal: every null is at or above them
+    z0[4] = np.abs(z[4])[None, :] * rng.choice([-1.0, 1.0], size=(n, t))  # nulls equal to observed values
+    z[5] = np.linspace(1.0, 1.0 + 1e-4, t)  # distinct values closer together than any cell
+    z, z0 = z.astype(dtype), z0.astype(dtype)
+    pool = t + n * t  # compare the counts behind p: float32 p rounds them
+    want = np.rint((1 - _pool_pvalues(z, z0)) * pool)
+    # the whole batch (a crowded image sends it to the plain search) and each image alone (mostly cells)
+    got = pooled_pvalues(torch.from_numpy(z), torch.from_numpy(z0)).double().numpy()
+    np.testing.assert_array_equal(np.rint((1 - got) * pool), want)
+    for i in range(b):
+        got = pooled_pvalues(torch.from_numpy(z[i : i + 1]), torch.from_numpy(z0[i : i + 1])).double().numpy()
+        np.testing.assert_array_equal(np.rint((1 - got[0]) * pool), want[i])
