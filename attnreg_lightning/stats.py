@@ -68,6 +68,7 @@ def _argsort_nonnegative(x: Tensor) -> Tensor:
     return x.view(torch.int32 if x.dtype == torch.float32 else torch.int64).argsort(dim=1)
 
 
+@torch.inference_mode()
 def _count_below(distinct: Tensor, n_distinct: Tensor, values: Tensor) -> Tensor:
     """``#{distinct[b] < v}`` for every ``v`` in ``values[b]`` (all >= 0), exactly: a searchsorted.
 
@@ -169,6 +170,7 @@ def _lstsq(a: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(h[..., :p, :p], h[..., :p, p:], upper=True).squeeze(-1)
 
 
+@torch.inference_mode()
 def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     """Poisson log-link fit of ``y [B, K]`` on ``x [B, K, P]`` for all images at once, from ``start [B, P]``.
 
@@ -193,6 +195,7 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     mu = eta.exp()
     dev = half_deviance(eta, mu)
     going = torch.ones_like(rows, dtype=torch.bool)
+    left = going.numel()
     for _ in range(_IRLS_MAX_ITER):
         floored = mu.clamp_min(_EPS)
         # statsmodels' weights 1 / (g'(mu)^2 V(mu)) with g' = 1 / max(mu, eps): mu, or eps^2 / mu below eps,
@@ -200,7 +203,7 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
         w = floored * mu.clamp_min(torch.finfo(mu.dtype).tiny).rsqrt()
         work = (y - mu).div_(floored).add_(eta)
         new = _lstsq(x * w.unsqueeze(-1), work * w)
-        fit = torch.where(going[:, None], new, fit)
+        fit = new if left == going.numel() else torch.where(going[:, None], new, fit)
         eta = torch.bmm(x, new.unsqueeze(-1)).squeeze(-1)
         mu = eta.exp()
         new_dev = half_deviance(eta, mu)
@@ -231,9 +234,10 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     lo, hi = zd.amin(dim=1), zd.amax(dim=1)
     # Rows with no spread (or non-finite) have no histogram to fit; fit a stand-in and report lfdr = 1.
     fittable = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)
-    stand_in = torch.linspace(-1.0, 1.0, t, device=z.device, dtype=torch.float64).expand_as(zd)
-    zd = torch.where(fittable[:, None], zd, stand_in)
-    lo, hi = zd.amin(dim=1), zd.amax(dim=1)
+    if not bool(fittable.all()):
+        stand_in = torch.linspace(-1.0, 1.0, t, device=z.device, dtype=torch.float64).expand_as(zd)
+        zd = torch.where(fittable[:, None], zd, stand_in)
+        lo, hi = zd.amin(dim=1), zd.amax(dim=1)
     step = (hi - lo) / (nbins - 1)
     # Edges built as numpy.linspace builds them, so bin membership matches numpy.histogram exactly.
     edges = torch.arange(nbins, device=z.device, dtype=torch.float64) * step[:, None] + lo[:, None]
@@ -247,7 +251,7 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     counts.scatter_add_(1, idx, torch.ones_like(zd))
     centres = (edges[:, :-1] + edges[:, 1:]) / 2
     design = _vander(centres, deg)
-    scale = design.std(dim=1, correction=0, keepdim=True)
+    scale = (design - design.mean(dim=1, keepdim=True)).square_().mean(dim=1, keepdim=True).sqrt_()  # numpy's std
     scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
     design = design / scale
     start = _lstsq(design, counts.log1p())
@@ -259,7 +263,7 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     fitted = log_fitted.exp()
     width = (edges[:, 1] - edges[:, 0])[:, None]
     fz = fitted / (t * width)
-    f0 = torch.exp(-0.5 * zd**2) / math.sqrt(2 * math.pi)
+    f0 = torch.exp(zd.square().mul_(-0.5)).div_(math.sqrt(2 * math.pi))
     lfdr = (pi0.to(torch.float64)[:, None] * f0 / fz).clamp(0.0, 1.0).nan_to_num(nan=1.0)
     return torch.where(fittable[:, None], lfdr, torch.ones_like(lfdr)).to(z.dtype)
 
@@ -287,7 +291,7 @@ def significance(
     in float64 for float64 input and in float32 otherwise (the Poisson fit of the local FDR always in
     float64); results come back in ``obs.dtype``. ``pi0`` is ``"estimate"`` (Storey, per image) or a float in [0, 1].
     Images whose input is non-finite or whose null has no spread are flagged in ``valid`` and get neutral
-    statistics rather than NaN.
+    statistics rather than NaN. Ranks and histograms have no gradient: the inputs are detached.
     """
     if obs.dim() != 2 or null.dim() != 3 or null.shape[0] != obs.shape[0] or null.shape[2] != obs.shape[1]:
         raise ValueError(f"obs must be [B, T] and null [B, N, T]; got {tuple(obs.shape)} and {tuple(null.shape)}")
@@ -300,10 +304,10 @@ def significance(
         raise ValueError(f"pi0 must be 'estimate' or a float in [0, 1], got {pi0!r}")
     dtype = obs.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    z, z0, valid = zscores(obs.to(work), null.to(work))
-    # in place: on this CPU a fresh [B, N, T] buffer costs more in page faults than the work
-    z.masked_fill_(~valid[:, None], 0.0)
-    z0.masked_fill_(~valid[:, None, None], 0.0)
+    z, z0, valid = zscores(obs.detach().to(work), null.detach().to(work))
+    if not bool(valid.all()):  # in place: a fresh [B, N, T] buffer costs more in page faults than the work
+        z.masked_fill_(~valid[:, None], 0.0)
+        z0.masked_fill_(~valid[:, None, None], 0.0)
     # p falls as |z| rises, so one sort of |z| orders both the p-value count and the q-values
     abs_order = _argsort_nonnegative(z.abs())
     p = pooled_pvalues(z, z0, abs_order)

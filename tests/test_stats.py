@@ -241,3 +241,14 @@ def test_pooled_counts_are_exact_on_ties_outliers_and_crowding(dtype):
     for i in range(b):
         got = pooled_pvalues(torch.from_numpy(z[i : i + 1]), torch.from_numpy(z0[i : i + 1])).double().numpy()
         np.testing.assert_array_equal(np.rint((1 - got[0]) * pool), want[i])
+
+
+def test_statistics_carry_no_gradient_but_maps_stay_differentiable_in_attention():
+    obs, null = make_case("heavy", 2, 5, 49, 14)
+    o = torch.from_numpy(obs).requires_grad_()
+    sig = significance(o, torch.from_numpy(null))
+    assert not any(getattr(sig, k).requires_grad for k in ("z", "z_null", "p", "pi0", "lfdr", "q"))
+    assert not any(getattr(sig, k).is_inference() for k in ("z", "z_null", "p", "pi0", "lfdr", "q", "valid"))
+    reg = regularize(o, sig)
+    reg.maps["posterior"].sum().backward()
+    torch.testing.assert_close(o.grad, 1 - sig.lfdr)
