@@ -159,15 +159,15 @@ def _vander(x: Tensor, deg: int) -> Tensor:
     return rising.flip(-1)
 
 
-def _lstsq(a: Tensor, y: Tensor) -> Tensor:
-    """Batched least squares of tall, full-rank systems ``a [B, K, P]``, ``y [B, K]`` through QR (CPU and CUDA).
+def _lstsq(system: Tensor) -> Tensor:
+    """Least squares of the tall, full-rank batched systems ``system = [A | y]`` (``[B, K, P + 1]``): ``[B, P, 1]``.
 
-    One Householder QR of ``[a | y]`` gives both ``R`` and ``Q^T y`` (its last column), so ``Q`` is never
-    formed: each IRLS iteration pays for a single LAPACK factorisation.
+    One Householder QR of ``[A | y]`` gives both ``R`` and ``Q^T y`` (its last column), so ``Q`` is never
+    formed: each IRLS iteration pays for a single LAPACK factorisation (CPU and CUDA).
     """
-    p = a.shape[-1]
-    h = torch.geqrf(torch.cat([a, y.unsqueeze(-1)], -1))[0]
-    return torch.linalg.solve_triangular(h[..., :p, :p], h[..., :p, p:], upper=True).squeeze(-1)
+    p = system.shape[-1] - 1
+    h = torch.geqrf(system)[0]
+    return torch.linalg.solve_triangular(h[..., :p, :p], h[..., :p, p:], upper=True)
 
 
 @torch.inference_mode()
@@ -178,20 +178,22 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     stop when the deviance changes by at most 1e-8 or after 100 iterations. Each image stops on its own
     (where the fit drifts instead of converging, a few isolated outliers among empty bins, it ends where
     statsmodels does); stopped images leave the batch once they are half of it, so the slow ones iterate
-    alone without paying for a compaction at every stop.
+    alone without paying for a compaction at every stop. Per-bin quantities are kept as ``[B, K, 1]``
+    columns, ready for the matrix products: the loop is dispatch-bound, every op counts.
     """
     beta = start.clone()
-    fit = start
+    fit = start.unsqueeze(-1)
     rows = torch.arange(y.shape[0], device=y.device)
     log_eps = math.log(_EPS)
+    y = y.unsqueeze(-1)
     log_y = y.log()
 
     # Half the Poisson deviance sum(y log(max(y / mu, eps)) - y + mu) as statsmodels computes it, less the
     # y-only term: both cancel in the change the stop rule looks at.
     def half_deviance(eta: Tensor, mu: Tensor) -> Tensor:
-        return (y * (log_y - eta).clamp_min_(log_eps)).add_(mu).sum(dim=-1)
+        return (y * (log_y - eta).clamp_min_(log_eps)).add_(mu).sum(dim=(1, 2))
 
-    eta = (x @ start.unsqueeze(-1)).squeeze(-1)
+    eta = torch.bmm(x, fit)
     mu = eta.exp()
     dev = half_deviance(eta, mu)
     going = torch.ones_like(rows, dtype=torch.bool)
@@ -201,23 +203,25 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
         # statsmodels' weights 1 / (g'(mu)^2 V(mu)) with g' = 1 / max(mu, eps): mu, or eps^2 / mu below eps,
         # which pins bins whose fitted mean has collapsed instead of letting them drift.
         w = floored * mu.clamp_min(torch.finfo(mu.dtype).tiny).rsqrt()
-        work = (y - mu).div_(floored).add_(eta)
-        new = _lstsq(x * w.unsqueeze(-1), work * w)
-        fit = new if left == going.numel() else torch.where(going[:, None], new, fit)
-        eta = torch.bmm(x, new.unsqueeze(-1)).squeeze(-1)
+        work = torch.addcdiv(eta, y - mu, floored)
+        new = _lstsq(torch.cat([x, work], -1).mul_(w))
+        all_going = left == going.numel()
+        fit = new if all_going else torch.where(going[:, None, None], new, fit)
+        eta = torch.bmm(x, new)
         mu = eta.exp()
         new_dev = half_deviance(eta, mu)
         # NaN (a fit that blew up) stops too
-        going = going & ((new_dev - dev).abs() > _IRLS_TOL / 2)
+        moved = (new_dev - dev).abs_() > _IRLS_TOL / 2
+        going = moved if all_going else going & moved
         dev = new_dev
         left = int(going.sum())
         if left == 0:
             break
         if 2 * left <= going.numel():
-            beta[rows] = fit
+            beta[rows] = fit.squeeze(-1)
             rows, fit, x, y, log_y, eta, mu, dev = (t[going] for t in (rows, fit, x, y, log_y, eta, mu, dev))
             going = going[going]
-    beta[rows] = fit
+    beta[rows] = fit.squeeze(-1)
     return beta
 
 
@@ -254,7 +258,7 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     scale = (design - design.mean(dim=1, keepdim=True)).square_().mean(dim=1, keepdim=True).sqrt_()  # numpy's std
     scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
     design = design / scale
-    start = _lstsq(design, counts.log1p())
+    start = _lstsq(torch.cat([design, counts.log1p().unsqueeze(-1)], -1)).squeeze(-1)
     beta = _poisson_irls(design, counts, start)
     coef = beta / scale.squeeze(1)  # of z^deg, ..., z, 1
     log_fitted = coef[:, :1].expand_as(zd)
