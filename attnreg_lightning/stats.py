@@ -98,13 +98,14 @@ def _count_below(distinct: Tensor, n_distinct: Tensor, values: Tensor) -> Tensor
     place = lower.cumsum_(1).gather(1, cell(values))
     # the first distinct value at or above a value's cell; past it only the values sharing that cell
     hit = (distinct.gather(1, place) < values).view(-1).nonzero().squeeze(1)
-    if hit.numel():
-        at, v = place.view(-1)[hit] + 1, values.reshape(-1)[hit]
+    if hit.numel():  # 1-D index_select: advanced indexing costs several times more per element
+        flat_place = place.view(-1)
+        at, v = flat_place.index_select(0, hit).add_(1), values.reshape(-1).index_select(0, hit)
         row_start = hit.div(values.shape[1], rounding_mode="floor").mul_(d)
         flat = distinct.view(-1)
         for _ in range(depth - 1):
-            at += flat[row_start + at] < v
-        place.view(-1)[hit] = at
+            at += flat.index_select(0, row_start + at) < v
+        flat_place.index_copy_(0, hit, at)
     return place
 
 
