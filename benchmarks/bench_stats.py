@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--n-bootstrap", type=int, default=10)
     ap.add_argument("--grid", type=int, default=28, help="tokens per side (28 = ViT-S/8 at 224 px)")
     ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--pixel-images", type=int, default=4, help="images timed for the slow pixel-level oracle")
+    ap.add_argument("--rounds", type=int, default=16, help="interleaved timing rounds (medians are reported)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--verbose", action="store_true", help="also print every round's times")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -59,13 +60,19 @@ def main() -> None:
 
     for _ in range(3):  # warm-up: the first calls also grow the allocator's heap
         run_torch()
-    ours = timed(run_torch, 20) / b  # steady state, as in a training loop that calls it every batch
-    token = timed(lambda: [oracle_image(obs[i], null[i]) for i in range(b)], 1) / b
-    k = args.pixel_images
+    # Interleaved rounds: this machine has slow spells lasting seconds, and side by side each of the
+    # three is timed in the same spells. Per round: the batch ours and token level, one image pixel level.
     grid = (args.grid, args.grid)
-    pixel = timed(lambda: [oracle_pixel_level(obs[i], null[i], grid, args.patch) for i in range(k)], 1) / k
+    ours, token, pixel = [], [], []
+    for r in range(args.rounds):
+        ours.append(timed(run_torch, 1) / b)
+        token.append(timed(lambda: [oracle_image(obs[i], null[i]) for i in range(b)], 1) / b)
+        pixel.append(timed(lambda: oracle_pixel_level(obs[r % b], null[r % b], grid, args.patch), 1))
+    if args.verbose:
+        print({"ours_ms": [round(v * b * 1e3, 1) for v in ours], "pixel_ms": [round(v * 1e3) for v in pixel]})
+    ours, token, pixel = (statistics.median(v) for v in (ours, token, pixel))
     row = {
-        "B": b, "N": n, "T": t, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "B": b, "N": n, "T": t, "rounds": args.rounds, "device": args.device, "torch_threads": torch.get_num_threads(),
         "significance_ms_per_image": round(ours * 1e3, 3),
         "oracle_token_ms_per_image": round(token * 1e3, 2),
         "oracle_pixel_ms_per_image": round(pixel * 1e3, 1),
