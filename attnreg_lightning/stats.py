@@ -187,12 +187,13 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     rows = torch.arange(y.shape[0], device=y.device)
     log_eps = math.log(_EPS)
     y = y.unsqueeze(-1)
-    log_y = y.log()
+    # where y * log(y / mu) would fall below y * log(eps), i.e. eta above log(y) - log(eps); none where y = 0
+    eta_cap = torch.where(y > 0, y.log() - log_eps, math.inf)
 
     # Half the Poisson deviance sum(y log(max(y / mu, eps)) - y + mu) as statsmodels computes it, less the
-    # y-only term: both cancel in the change the stop rule looks at.
+    # y-only terms: both cancel in the change the stop rule looks at.
     def half_deviance(eta: Tensor, mu: Tensor) -> Tensor:
-        return (y * (log_y - eta).clamp_min_(log_eps)).add_(mu).sum(dim=(1, 2))
+        return torch.addcmul(mu, y, torch.minimum(eta, eta_cap), value=-1).sum(dim=(1, 2))
 
     eta = torch.bmm(x, fit)
     mu = eta.exp()
@@ -220,7 +221,7 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
             break
         if 2 * left <= going.numel():
             beta[rows] = fit.squeeze(-1)
-            rows, fit, x, y, log_y, eta, mu, dev = (t[going] for t in (rows, fit, x, y, log_y, eta, mu, dev))
+            rows, fit, x, y, eta_cap, eta, mu, dev = (t[going] for t in (rows, fit, x, y, eta_cap, eta, mu, dev))
             going = going[going]
     beta[rows] = fit.squeeze(-1)
     return beta
