@@ -167,8 +167,8 @@ def _lstsq(system: Tensor) -> Tensor:
     formed: each IRLS iteration pays for a single LAPACK factorisation (CPU and CUDA).
     """
     p = system.shape[-1] - 1
-    h = torch.geqrf(system)[0]
-    return torch.linalg.solve_triangular(h[..., :p, :p], h[..., :p, p:], upper=True)
+    top = torch.geqrf(system)[0].narrow(-2, 0, p)
+    return torch.linalg.solve_triangular(top.narrow(-1, 0, p), top.narrow(-1, p, 1), upper=True)
 
 
 @torch.inference_mode()
@@ -214,8 +214,10 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
         new_dev = half_deviance(eta, mu)
         # NaN (a fit that blew up) stops too
         moved = (new_dev - dev).abs_() > _IRLS_TOL / 2
-        going = moved if all_going else going & moved
         dev = new_dev
+        if all_going and bool(moved.all()):  # the common case, one sync and no bookkeeping
+            continue
+        going = going & moved
         left = int(going.sum())
         if left == 0:
             break

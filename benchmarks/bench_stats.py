@@ -39,9 +39,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16, help="interleaved timing rounds (medians are reported)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--verbose", action="store_true", help="also print every round's times")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic attention")
     args = ap.parse_args()
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     b, n, t = args.batch, args.n_bootstrap, args.grid * args.grid
 
     def attention(*shape):
@@ -72,7 +73,7 @@ def main() -> None:
         print({"ours_ms": [round(v * b * 1e3, 1) for v in ours], "pixel_ms": [round(v * 1e3) for v in pixel]})
     ours, token, pixel = (statistics.median(v) for v in (ours, token, pixel))
     row = {
-        "B": b, "N": n, "T": t, "rounds": args.rounds, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "B": b, "N": n, "T": t, "seed": args.seed, "rounds": args.rounds, "device": args.device, "torch_threads": torch.get_num_threads(),
         "significance_ms_per_image": round(ours * 1e3, 3),
         "oracle_token_ms_per_image": round(token * 1e3, 2),
         "oracle_pixel_ms_per_image": round(pixel * 1e3, 1),
