@@ -68,12 +68,14 @@ def main() -> None:
     for r in range(args.rounds):
         ours.append(timed(run_torch, 1) / b)
         token.append(timed(lambda: [oracle_image(obs[i], null[i]) for i in range(b)], 1) / b)
-        pixel.append(timed(lambda: oracle_pixel_level(obs[r % b], null[r % b], grid, args.patch), 1))
+        i = r % b
+        pixel.append(timed(lambda i=i: oracle_pixel_level(obs[i], null[i], grid, args.patch), 1))
     if args.verbose:
         print({"ours_ms": [round(v * b * 1e3, 1) for v in ours], "pixel_ms": [round(v * 1e3) for v in pixel]})
     ours, token, pixel = (statistics.median(v) for v in (ours, token, pixel))
     row = {
-        "B": b, "N": n, "T": t, "seed": args.seed, "rounds": args.rounds, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "B": b, "N": n, "T": t, "seed": args.seed, "rounds": args.rounds,
+        "device": args.device, "torch_threads": torch.get_num_threads(),
         "significance_ms_per_image": round(ours * 1e3, 3),
         "oracle_token_ms_per_image": round(token * 1e3, 2),
         "oracle_pixel_ms_per_image": round(pixel * 1e3, 1),
