@@ -1,7 +1,9 @@
 """Time of ``significance()`` against the reference way of computing the same statistics.
 
 The reference (the paper's code) works one image at a time in numpy/statsmodels at pixel resolution;
-we also time that oracle at token resolution. Run: ``python benchmarks/bench_stats.py``.
+we also time that oracle at token resolution. The three are timed in interleaved rounds and the medians
+reported, so that they share the machine's slow and fast spells. Heavy-tailed batches differ a lot in how
+long the local FDR's IRLS runs (``--seed``). Run: ``python benchmarks/bench_stats.py [--seed S]``.
 """
 
 from __future__ import annotations
