@@ -118,7 +118,7 @@ def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Te
     """
     obs = z.abs()
     b, t = obs.shape
-    n_null = z_null[0].numel()
+    n_null = z_null.shape[1] * z_null.shape[2]
     order = _argsort_nonnegative(obs) if order is None else order
     sorted_obs = obs.gather(1, order)
     # rank[b, i]: the place of sorted_obs[b, i] among the image's distinct values
@@ -130,9 +130,9 @@ def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Te
     le = torch.zeros(b, t + 1, dtype=torch.long, device=obs.device)
     one = torch.ones((), dtype=torch.long, device=obs.device)
     # a few images at a time: the buffers stay small enough to be reused instead of freshly paged in
-    step = max(1, _NULLS_PER_CHUNK // n_null)
-    for rows in torch.arange(b).split(step):
-        r = slice(int(rows[0]), int(rows[-1]) + 1)
+    step = max(1, _NULLS_PER_CHUNK // max(1, n_null))
+    for start in range(0, b, step):
+        r = slice(start, start + step)
         place = _count_below(distinct[r], n_distinct[r], z_null[r].abs().flatten(1))
         # a null value at place m is <= every distinct value from the m-th on
         le[r].scatter_add_(1, place, one.expand_as(place))

@@ -252,3 +252,8 @@ def test_statistics_carry_no_gradient_but_maps_stay_differentiable_in_attention(
     reg = regularize(o, sig)
     reg.maps["posterior"].sum().backward()
     torch.testing.assert_close(o.grad, 1 - sig.lfdr)
+
+
+def test_empty_batch_gives_empty_statistics():
+    sig = significance(torch.rand(0, 49), torch.rand(0, 5, 49))
+    assert sig.z_null.shape == (0, 5, 49) and sig.lfdr.shape == (0, 49) and sig.pi0.shape == (0,)
