@@ -183,6 +183,8 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     columns, ready for the matrix products: the loop is dispatch-bound, every op counts.
     """
     beta = start.clone()
+    if beta.shape[0] == 0:
+        return beta
     fit = start.unsqueeze(-1)
     rows = torch.arange(y.shape[0], device=y.device)
     log_eps = math.log(_EPS)
