@@ -214,12 +214,12 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
         eta = torch.bmm(x, new)
         mu = eta.exp()
         new_dev = half_deviance(eta, mu)
-        # NaN (a fit that blew up) stops too
-        moved = (new_dev - dev).abs_() > _IRLS_TOL / 2
+        # a fit that blew up (NaN deviance twice running) settles too
+        settled = torch.isclose(new_dev, dev, rtol=0.0, atol=_IRLS_TOL / 2, equal_nan=True)
         dev = new_dev
-        if all_going and bool(moved.all()):  # the common case, one sync and no bookkeeping
+        if all_going and not bool(settled.any()):  # the common case, one sync and no bookkeeping
             continue
-        going = going & moved
+        going = going & ~settled
         left = int(going.sum())
         if left == 0:
             break
