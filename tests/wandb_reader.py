@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -20,8 +21,27 @@ RECORD_HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
+class TruncatedLog(ValueError):
+    """The log ends inside a record: its writer (wandb's service process) has not flushed it all yet."""
+
+
+def read_records(path: str | Path, wait_s: float = 30.0) -> list[wandb_internal_pb2.Record]:
+    """The records of a finished run's log. wandb's service process writes the log on its own time, even
+    after ``finish()`` returns: wait up to ``wait_s`` for it to end with the run's ``exit`` record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = _parse(path, Path(path).read_bytes())
+        except TruncatedLog:
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            raise TruncatedLog(f"{path}: no complete log ending with the run's exit record after {wait_s} s")
+        time.sleep(0.1)
+
+
+def _parse(path: str | Path, data: bytes) -> list[wandb_internal_pb2.Record]:
     ident, magic, version = struct.unpack("<4sHB", data[:7])
     if (ident, magic, version) != (b":W&B", 0xBEE1, 0):
         raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
@@ -35,6 +55,8 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
         if kind == 0 and length == 0:  # zero fill at the end of a block
             pos += left
             continue
+        if pos + RECORD_HEADER + length > len(data):
+            raise TruncatedLog(f"{path}: ends inside the record at byte {pos}")
         chunk = data[pos + RECORD_HEADER : pos + RECORD_HEADER + length]
         pos += RECORD_HEADER + length
         if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
@@ -54,6 +76,8 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(whole)
         records.append(record)
+    if pending:
+        raise TruncatedLog(f"{path}: ends inside a record split across blocks")
     return records
 
 
