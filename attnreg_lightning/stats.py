@@ -69,33 +69,42 @@ def _argsort_nonnegative(x: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def _count_below(distinct: Tensor, n_distinct: Tensor, values: Tensor) -> Tensor:
-    """``#{distinct[b] < v}`` for every ``v`` in ``values[b]`` (all >= 0), exactly: a searchsorted.
-
-    ``distinct`` is ``[B, D]``, ascending, its first ``n_distinct[b]`` entries distinct and the rest +inf.
-    torch's searchsorted costs ~40 ns per value on a CPU; this costs a few elementwise passes: cut
-    ``[0, max]`` into cells of equal width, look up how many distinct values lie in lower cells, and compare
-    only with the few that share a value's cell. The cell of ``v`` is ``floor(v * scale)``, non-decreasing
-    in ``v`` under IEEE rounding, so a value in a lower cell is below ``v`` and one in a higher cell is not.
-    """
+def _cells(distinct: Tensor, n_distinct: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Cells of equal width over ``[0, max]`` of each row of ``distinct`` (``[B, D]``, ascending, its first
+    ``n_distinct[b]`` entries distinct and the rest +inf): the scale that maps a value to its cell, ``lower``
+    (``[B, cells + 2]``: how many distinct values lie in cells below each cell) and the most distinct values
+    any one cell holds."""
     b, d = distinct.shape
     cells = _CELLS_PER_TOKEN * d
     top = distinct.gather(1, (n_distinct - 1).unsqueeze(1))
     scale = cells / top
     scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
-
-    def cell(v: Tensor) -> Tensor:
-        return (v * scale).clamp_(max=cells).long()
-
     own = torch.arange(d, device=distinct.device) < n_distinct.unsqueeze(1)
-    in_cell = cell(torch.where(own, distinct, 0.0))
-    # lower[b, c]: how many distinct values lie in cells below c (the +inf padding counts nowhere)
     lower = torch.zeros(b, cells + 2, dtype=torch.long, device=distinct.device)
-    lower.scatter_add_(1, in_cell + 1, own.long())
-    depth = int(lower.max())
+    lower.scatter_add_(1, _cell(torch.where(own, distinct, 0.0), scale, cells) + 1, own.long())
+    depth = int(lower.max()) if lower.numel() else 0
+    return scale, lower.cumsum_(1), depth
+
+
+def _cell(v: Tensor, scale: Tensor, cells: int) -> Tensor:
+    # floor(v * scale) is non-decreasing in v under IEEE rounding: a value in a lower cell is below v, one
+    # in a higher cell above it
+    return (v * scale).clamp_(max=cells).long()
+
+
+@torch.inference_mode()
+def _count_below(distinct: Tensor, cells: tuple[Tensor, Tensor, int], values: Tensor) -> Tensor:
+    """``#{distinct[b] < v}`` for every ``v`` in ``values[b]`` (all >= 0), exactly: a searchsorted.
+
+    torch's searchsorted costs ~40 ns per value on a CPU; this costs a few elementwise passes: one lookup
+    of how many distinct values lie in cells below the value's cell (``cells`` from :func:`_cells`), then
+    comparisons with only the few that share its cell. Crowded cells fall back to the search.
+    """
+    scale, lower, depth = cells
     if depth > _MAX_CELL_DEPTH:  # values crowded into a few cells: the cells no longer pay
         return torch.searchsorted(distinct, values)
-    place = lower.cumsum_(1).gather(1, cell(values))
+    d = distinct.shape[1]
+    place = lower.gather(1, _cell(values, scale, lower.shape[1] - 2))
     # the first distinct value at or above a value's cell; past it only the values sharing that cell
     hit = (distinct.gather(1, place) < values).view(-1).nonzero().squeeze(1)
     if hit.numel():  # 1-D index_select: advanced indexing costs several times more per element
@@ -118,27 +127,26 @@ def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Te
     """
     obs = z.abs()
     b, t = obs.shape
-    n_null = z_null.shape[1] * z_null.shape[2]
+    n = z_null.shape[1]
     order = _argsort_nonnegative(obs) if order is None else order
     sorted_obs = obs.gather(1, order)
     # rank[b, i]: the place of sorted_obs[b, i] among the image's distinct values
     new = torch.ones_like(sorted_obs, dtype=torch.bool)
     new[:, 1:] = sorted_obs[:, 1:] != sorted_obs[:, :-1]
     rank = new.cumsum(1).sub_(1)
-    n_distinct = rank[:, -1] + 1
     distinct = torch.full((b, t + 1), math.inf, dtype=obs.dtype, device=obs.device).scatter_(1, rank, sorted_obs)
+    cells = _cells(distinct, rank[:, -1] + 1)
     le = torch.zeros(b, t + 1, dtype=torch.long, device=obs.device)
     one = torch.ones((), dtype=torch.long, device=obs.device)
-    # a few images at a time: the buffers stay small enough to be reused instead of freshly paged in
-    step = max(1, _NULLS_PER_CHUNK // max(1, n_null))
-    for start in range(0, b, step):
-        r = slice(start, start + step)
-        place = _count_below(distinct[r], n_distinct[r], z_null[r].abs().flatten(1))
+    # a few bootstrap samples at a time: the buffers stay small enough to be reused, not paged in afresh
+    step = max(1, _NULLS_PER_CHUNK // max(1, b * t))
+    for i in range(0, n, step):
+        place = _count_below(distinct, cells, z_null[:, i : i + step].abs().flatten(1))
         # a null value at place m is <= every distinct value from the m-th on
-        le[r].scatter_add_(1, place, one.expand_as(place))
+        le.scatter_add_(1, place, one.expand_as(place))
     le.scatter_add_(1, rank, one.expand_as(rank))
     count = le.cumsum_(1).gather(1, rank)
-    return 1.0 - torch.empty_like(count).scatter_(1, order, count).to(z.dtype) / (t + n_null)
+    return 1.0 - torch.empty_like(count).scatter_(1, order, count).to(z.dtype) / (t + n * t)
 
 
 def null_pvalues(sig: Significance) -> Tensor:

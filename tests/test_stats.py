@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnreg_lightning import stats
 from attnreg_lightning.regularize import MAP_NAMES, regularize
 from attnreg_lightning.stats import pooled_pvalues, significance
 from tests.oracle import oracle_image, oracle_maps, oracle_pixel_level
@@ -218,8 +219,11 @@ def _pool_pvalues(z: np.ndarray, z0: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("chunk", [None, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pooled_counts_are_exact_on_ties_outliers_and_crowding(dtype):
+def test_pooled_counts_are_exact_on_ties_outliers_and_crowding(dtype, chunk, monkeypatch):
+    if chunk is not None:  # one bootstrap sample at a time
+        monkeypatch.setattr(stats, "_NULLS_PER_CHUNK", chunk)
     rng = np.random.default_rng(13)
     b, n, t = 6, 7, 300
     z = rng.standard_t(3, size=(b, t))
