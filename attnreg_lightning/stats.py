@@ -62,10 +62,15 @@ def zscores(obs: Tensor, null: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return z, z0, valid
 
 
+def _as_ordered_ints(x: Tensor) -> Tensor:
+    """Non-negative floats viewed as their bit patterns: those order like the values, and torch sorts and
+    searches integers faster than floats on a CPU."""
+    return x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+
+
 def _argsort_nonnegative(x: Tensor) -> Tensor:
-    """Ascending order of each row of non-negative floats, sorted as their bit patterns: those order like
-    the values, and torch sorts integers faster than floats on a CPU."""
-    return x.view(torch.int32 if x.dtype == torch.float32 else torch.int64).argsort(dim=1)
+    """Ascending order of each row of non-negative floats."""
+    return _as_ordered_ints(x).argsort(dim=1)
 
 
 @torch.inference_mode()
@@ -152,9 +157,10 @@ def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Te
 def null_pvalues(sig: Significance) -> Tensor:
     """p-values of the null images' tokens against the same pool as the observed ones, ``[B, N T]``: under
     a calibrated null they are Uniform(0, 1) (the metrics' sRMSD measures how far they are)."""
-    pool = torch.cat([sig.z.abs(), sig.z_null.abs().flatten(1)], 1).sort(1).values
-    count = torch.searchsorted(pool, sig.z_null.abs().flatten(1).contiguous(), right=True)
-    return 1.0 - count.to(pool.dtype) / pool.shape[1]
+    nulls = sig.z_null.abs().flatten(1)
+    pool = _as_ordered_ints(torch.cat([sig.z.abs(), nulls], 1)).sort(1).values
+    count = torch.searchsorted(pool, _as_ordered_ints(nulls), right=True)
+    return 1.0 - count.to(nulls.dtype) / pool.shape[1]
 
 
 def storey_pi0(p: Tensor, lam: float = STOREY_LAMBDA) -> Tensor:

@@ -261,3 +261,15 @@ def test_statistics_carry_no_gradient_but_maps_stay_differentiable_in_attention(
 def test_empty_batch_gives_empty_statistics():
     sig = significance(torch.rand(0, 49), torch.rand(0, 5, 49))
     assert sig.z_null.shape == (0, 5, 49) and sig.lfdr.shape == (0, 49) and sig.pi0.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_null_pvalues_count_the_whole_pool(dtype):
+    obs, null = make_case("ties", 3, 4, 64, 15)
+    sig = significance(torch.from_numpy(obs.astype(dtype)), torch.from_numpy(null.astype(dtype)))
+    got = stats.null_pvalues(sig).double().numpy()
+    z, z0 = np.abs(sig.z.double().numpy()), np.abs(sig.z_null.double().numpy()).reshape(3, -1)
+    for i in range(3):
+        pool = np.sort(np.concatenate([z[i], z0[i]]))
+        want = np.searchsorted(pool, z0[i], side="right")  # #{pool <= |z_null|}
+        np.testing.assert_array_equal(np.rint((1 - got[i]) * pool.size), want)
