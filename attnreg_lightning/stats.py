@@ -228,12 +228,14 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
         eta = torch.bmm(x, new)
         mu = eta.exp()
         new_dev = half_deviance(eta, mu)
-        # a fit that blew up (NaN deviance twice running) settles too
-        settled = torch.isclose(new_dev, dev, rtol=0.0, atol=_IRLS_TOL / 2, equal_nan=True)
-        dev = new_dev
-        if all_going and not bool(settled.any()):  # the common case, one sync and no bookkeeping
+        # A NaN change (a NaN deviance, or inf - inf) is not "moving": such rare candidates are sorted out
+        # below, where a fit settles as isclose(equal_nan=True) says (NaN twice running: it blew up).
+        moving = (new_dev - dev).abs_() > _IRLS_TOL / 2
+        if all_going and bool(moving.all()):  # the common case: one sync, no bookkeeping
+            dev = new_dev
             continue
-        going = going & ~settled
+        going = going & (moving | (new_dev.isnan() != dev.isnan()))
+        dev = new_dev
         left = int(going.sum())
         if left == 0:
             break
