@@ -25,6 +25,7 @@ _MAX_CELL_DEPTH = 16
 _NULLS_PER_CHUNK = 1 << 16
 _IRLS_MAX_ITER = 100
 _IRLS_TOL = 1e-8
+_IRLS_CHECK_EVERY = 16
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -192,16 +193,18 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     The iteration of statsmodels' GLM IRLS: working response and weights with ``mu`` floored at machine eps,
     stop when the deviance changes by at most 1e-8 or after 100 iterations. Each image stops on its own
     (where the fit drifts instead of converging, a few isolated outliers among empty bins, it ends where
-    statsmodels does); stopped images leave the batch once they are half of it, so the slow ones iterate
-    alone without paying for a compaction at every stop. Per-bin quantities are kept as ``[B, K, 1]``
-    columns, ready for the matrix products: the loop is dispatch-bound, every op counts.
+    statsmodels does). The loop is dispatch-bound, every op counts: the stop rule is checked every few
+    iterations from the fits and deviances kept meanwhile (an image that stopped earlier in the block
+    takes the fit of its stop), then stopped images leave the batch; per-bin quantities are ``[B, K, 1]``
+    columns, ready for the matrix products, and the weighted system is written into the same buffer.
     """
     beta = start.clone()
     if beta.shape[0] == 0:
         return beta
-    fit = start.unsqueeze(-1)
+    p = x.shape[-1]
     rows = torch.arange(y.shape[0], device=y.device)
     log_eps = math.log(_EPS)
+    tiny = torch.finfo(x.dtype).tiny
     y = y.unsqueeze(-1)
     # where y * log(y / mu) would fall below y * log(eps), i.e. eta above log(y) - log(eps); none where y = 0
     eta_cap = torch.where(y > 0, y.log() - log_eps, math.inf)
@@ -211,39 +214,41 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     def half_deviance(eta: Tensor, mu: Tensor) -> Tensor:
         return torch.addcmul(mu, y, torch.minimum(eta, eta_cap), value=-1).sum(dim=(1, 2))
 
-    eta = torch.bmm(x, fit)
+    eta = torch.bmm(x, start.unsqueeze(-1))
     mu = eta.exp()
-    dev = half_deviance(eta, mu)
-    going = torch.ones_like(rows, dtype=torch.bool)
-    left = going.numel()
-    for _ in range(_IRLS_MAX_ITER):
+    devs, fits = [half_deviance(eta, mu)], []
+    system = torch.cat([x, eta], -1)  # [x | working response]; the last column is rewritten every step
+    for step in range(1, _IRLS_MAX_ITER + 1):
         floored = mu.clamp_min(_EPS)
         # statsmodels' weights 1 / (g'(mu)^2 V(mu)) with g' = 1 / max(mu, eps): mu, or eps^2 / mu below eps,
         # which pins bins whose fitted mean has collapsed instead of letting them drift.
-        w = floored * mu.clamp_min(torch.finfo(mu.dtype).tiny).rsqrt()
-        work = torch.addcdiv(eta, y - mu, floored)
-        new = _lstsq(torch.cat([x, work], -1).mul_(w))
-        all_going = left == going.numel()
-        fit = new if all_going else torch.where(going[:, None, None], new, fit)
-        eta = torch.bmm(x, new)
+        w = floored * mu.clamp_min(tiny).rsqrt()
+        torch.addcdiv(eta, y - mu, floored, out=system[..., p:])
+        fit = _lstsq(system * w)
+        eta = torch.bmm(x, fit)
         mu = eta.exp()
-        new_dev = half_deviance(eta, mu)
-        # A NaN change (a NaN deviance, or inf - inf) is not "moving": such rare candidates are sorted out
-        # below, where a fit settles as isclose(equal_nan=True) says (NaN twice running: it blew up).
-        moving = (new_dev - dev).abs_() > _IRLS_TOL / 2
-        if all_going and bool(moving.all()):  # the common case: one sync, no bookkeeping
-            dev = new_dev
+        fits.append(fit)
+        devs.append(half_deviance(eta, mu))
+        last = step == _IRLS_MAX_ITER
+        if step % _IRLS_CHECK_EVERY and not last:
             continue
-        going = going & (moving | (new_dev.isnan() != dev.isnan()))
-        dev = new_dev
-        left = int(going.sum())
-        if left == 0:
+        dev = torch.stack(devs)
+        # isclose(rtol=0, equal_nan=True), cheaper: a NaN change (NaN deviance, inf - inf) moves only where
+        # just one of the two is NaN, so a fit that blew up (NaN twice running) settles too
+        moving = ((dev[1:] - dev[:-1]).abs_() > _IRLS_TOL / 2) | (dev[1:].isnan() != dev[:-1].isnan())
+        done = torch.ones_like(moving[0]) if last else ~moving.all(0)
+        if not bool(done.any()):
+            devs, fits = devs[-1:], []
+            continue
+        # the fit of the first settled step, or of the last step where none settled (the cap)
+        at = torch.where(moving.all(0), len(fits) - 1, moving.logical_not().byte().argmax(0))
+        chosen = torch.stack(fits)[at, torch.arange(at.numel(), device=at.device)].squeeze(-1)
+        beta[rows[done]] = chosen[done]
+        keep = ~done
+        if not bool(keep.any()):
             break
-        if 2 * left <= going.numel():
-            beta[rows] = fit.squeeze(-1)
-            rows, fit, x, y, eta_cap, eta, mu, dev = (t[going] for t in (rows, fit, x, y, eta_cap, eta, mu, dev))
-            going = going[going]
-    beta[rows] = fit.squeeze(-1)
+        rows, x, y, eta_cap, eta, mu, system = (t[keep] for t in (rows, x, y, eta_cap, eta, mu, system))
+        devs, fits = [devs[-1][keep]], []
     return beta
 
 

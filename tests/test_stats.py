@@ -273,3 +273,29 @@ def test_null_pvalues_count_the_whole_pool(dtype):
         pool = np.sort(np.concatenate([z[i], z0[i]]))
         want = np.searchsorted(pool, z0[i], side="right")  # #{pool <= |z_null|}
         np.testing.assert_array_equal(np.rint((1 - got[i]) * pool.size), want)
+
+
+def test_poisson_fit_stops_where_statsmodels_glm_does(monkeypatch):
+    from statsmodels.genmod import families
+    from statsmodels.genmod.generalized_linear_model import GLM
+
+    # heavy-tailed z: most fits converge in 5-11 steps, a few drift (isolated outliers) to the 100-step cap,
+    # where a step more or less moves the fitted log-means by ~1e-4
+    rng = np.random.default_rng(1)
+    logits = rng.standard_t(3, size=(32, 784))
+    z = torch.from_numpy((logits - logits.mean(1, keepdims=True)) / logits.std(1, keepdims=True))
+    fits, irls = [], stats._poisson_irls
+
+    def keep(x, y, start):
+        fits.append((x, y, start, irls(x, y, start)))
+        return fits[-1][-1]
+
+    monkeypatch.setattr(stats, "_poisson_irls", keep)
+    stats.local_fdr(z, torch.ones(32, dtype=torch.float64))
+    ((x, y, start, beta),) = fits
+    steps = []
+    for i in range(32):
+        ref = GLM(y[i].numpy(), x[i].numpy(), family=families.Poisson()).fit(start_params=start[i].numpy())
+        steps.append(ref.fit_history["iteration"])
+        np.testing.assert_allclose((x[i] @ beta[i]).numpy(), np.log(ref.fittedvalues), rtol=0, atol=1e-7)
+    assert 100 in steps and any(s % stats._IRLS_CHECK_EVERY for s in steps)  # both stops are exercised
