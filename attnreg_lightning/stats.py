@@ -25,7 +25,7 @@ _MAX_CELL_DEPTH = 16
 _NULLS_PER_CHUNK = 1 << 16
 _IRLS_MAX_ITER = 100
 _IRLS_TOL = 1e-8
-_IRLS_CHECK_EVERY = 16
+_IRLS_CHECK_EVERY = 8
 _EPS = torch.finfo(torch.float64).eps
 
 
