@@ -239,16 +239,17 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
         moving = ((dev[1:] - dev[:-1]).abs_() > _IRLS_TOL / 2) | (dev[1:].isnan() != dev[:-1].isnan())
         stuck = moving.all(0)
         done = torch.ones_like(stuck) if last else ~stuck
-        if not bool(done.any()):
+        n_done = int(done.sum())  # the one host sync of the block
+        if n_done == 0:
             devs, fits = devs[-1:], []
             continue
         # the fit of the first settled step, or of the last step where none settled (the cap)
         at = torch.where(stuck, len(fits) - 1, moving.logical_not().byte().argmax(0))
         chosen = torch.stack(fits)[at, torch.arange(at.numel(), device=at.device)].squeeze(-1)
         beta[rows[done]] = chosen[done]
-        keep = ~done
-        if not bool(keep.any()):
+        if n_done == done.numel():
             break
+        keep = ~done
         rows, x, y, eta_cap, eta, mu, system = (t[keep] for t in (rows, x, y, eta_cap, eta, mu, system))
         devs, fits = [devs[-1][keep]], []
     return beta
