@@ -93,14 +93,19 @@ def patch_nulls(images: Tensor, n: int, generator: torch.Generator, *, patch_siz
     return shuffled.reshape(b, n, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, n, c, h, w)
 
 
+def require_positive_int(value, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def _check(images: Tensor, n: int, generator: torch.Generator) -> None:
     if not isinstance(images, Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a 4-D [B, C, H, W] tensor, got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got dtype {images.dtype}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (number of bootstrap samples) must be an integer >= 1, got {n!r}")
+    require_positive_int(n, "n (number of bootstrap samples)")
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator.device.type != images.device.type:
@@ -144,8 +149,7 @@ def iter_null_chunks(
     Nulls are drawn one input image at a time (see :func:`null_stream`), so at most ``max_images + N``
     images exist at once.
     """
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
+    require_positive_int(max_images, "max_images")
     return rechunk(null_stream(images, n, method, generator, **options), max_images)
 
 

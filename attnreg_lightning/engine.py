@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnreg_lightning.attention import check_model, cls_attention, resolve_vit, token_grid
-from attnreg_lightning.bootstrap import get_null_generator, null_stream, rechunk
+from attnreg_lightning.bootstrap import get_null_generator, null_stream, rechunk, require_positive_int
 from attnreg_lightning.regularize import RegularizedAttention, Thresholds, regularize
 from attnreg_lightning.stats import significance
 
@@ -74,11 +74,8 @@ class AttentionRegularizer:
         compile: bool = False,
     ) -> None:
         get_null_generator(method)
-        if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
-            raise ValueError(f"n_bootstrap must be an integer >= 1, got {n_bootstrap!r}")
-        valid_chunk = isinstance(max_images_per_forward, int) and not isinstance(max_images_per_forward, bool)
-        if not valid_chunk or max_images_per_forward < 1:
-            raise ValueError(f"max_images_per_forward must be an integer >= 1, got {max_images_per_forward!r}")
+        require_positive_int(n_bootstrap, "n_bootstrap")
+        require_positive_int(max_images_per_forward, "max_images_per_forward")
         check_model(resolve_vit(model))
         self.model = model
         self.method = method
