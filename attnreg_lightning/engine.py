@@ -113,12 +113,14 @@ class AttentionRegularizer:
         return torch.cat(outs)
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
-        """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
-        grid = token_grid(self.model, images)
+    def observe(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The forward passes alone: observed ``[B, T]`` and null ``[B, N, T]`` attention of ``images``.
+
+        A constant or non-finite image has no null distribution worth the name: its observed row is NaN, which
+        :func:`~attnreg_lightning.stats.significance` flags as invalid instead of crashing.
+        """
         gens = self.generators(images, sample_ids)
         b, n = images.shape[0], self.n_bootstrap
-        # A constant or non-finite image has no null distribution worth the name: flag it, don't crash.
         flat = images.flatten(1)
         usable = torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
         safe = torch.where(usable[:, None, None, None], images, torch.zeros_like(images)).nan_to_num()
@@ -126,9 +128,14 @@ class AttentionRegularizer:
         with eval_mode(self.model):
             # observed images first, then their nulls, packed into full forward passes
             attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
-        obs = attention[:b]
-        null = attention[b:].reshape(b, n, -1)
-        obs = torch.where(usable[:, None], obs, torch.full_like(obs, float("nan")))
+        obs = torch.where(usable[:, None], attention[:b], torch.full_like(attention[:b], float("nan")))
+        return obs, attention[b:].reshape(b, n, -1)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
+        """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
+        grid = token_grid(self.model, images)
+        obs, null = self.observe(images, sample_ids)
         sig = significance(obs, null, pi0=self.pi0)
         th = self.thresholds
         return regularize(obs, sig, th.z_th, th.p_th, th.lfdr_th, th.q_th, grid=grid)

@@ -29,6 +29,12 @@ _IRLS_CHECK_EVERY = 8
 _EPS = torch.finfo(torch.float64).eps
 
 
+def _div(x: Tensor, divisor: float) -> Tensor:
+    """``x / divisor`` correctly rounded on every device: CUDA divides by a Python number as a multiplication
+    by its reciprocal, one ulp off the CPU (and numpy) at times; a tensor divisor is divided elementwise."""
+    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
+
+
 @dataclass(frozen=True)
 class Significance:
     """Per-token statistics of a batch; shapes ``B`` images, ``N`` nulls, ``T`` tokens.
@@ -152,7 +158,7 @@ def pooled_pvalues(z: Tensor, z_null: Tensor, order: Tensor | None = None) -> Te
         le.scatter_add_(1, place, one.expand_as(place))
     le.scatter_add_(1, rank, one.expand_as(rank))
     count = le.cumsum_(1).gather(1, rank)
-    return 1.0 - torch.empty_like(count).scatter_(1, order, count).to(z.dtype) / (t + n * t)
+    return 1.0 - _div(torch.empty_like(count).scatter_(1, order, count).to(z.dtype), t + n * t)
 
 
 def null_pvalues(sig: Significance) -> Tensor:
@@ -161,12 +167,12 @@ def null_pvalues(sig: Significance) -> Tensor:
     nulls = sig.z_null.abs().flatten(1)
     pool = _as_ordered_ints(torch.cat([sig.z.abs(), nulls], 1)).sort(1).values
     count = torch.searchsorted(pool, _as_ordered_ints(nulls), right=True)
-    return 1.0 - count.to(nulls.dtype) / pool.shape[1]
+    return 1.0 - _div(count.to(nulls.dtype), pool.shape[1])
 
 
 def storey_pi0(p: Tensor, lam: float = STOREY_LAMBDA) -> Tensor:
     """Storey's ``min(1, #{p > lam} / (T (1 - lam)))`` per image."""
-    return ((p > lam).sum(dim=1).to(p.dtype) / (p.shape[1] * (1 - lam))).clamp(max=1.0)
+    return _div((p > lam).sum(dim=1).to(p.dtype), p.shape[1] * (1 - lam)).clamp(max=1.0)
 
 
 def _vander(x: Tensor, deg: int) -> Tensor:

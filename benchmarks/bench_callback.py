@@ -59,32 +59,44 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=64)
     ap.add_argument("--n-bootstrap", type=int, default=10)
     ap.add_argument("--log-images", type=int, default=8)
+    ap.add_argument("--accelerator", default="cpu", help="cpu or gpu (one device)")
+    ap.add_argument("--logger", default="wandb", choices=["wandb", "csv"], help="csv where wandb is not installed")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0)
         model = ViTClassifier(num_classes=4, model_kwargs={"img_size": 64, "patch_size": 8, "depth": 6})
         data = ShapesDataModule(train_size=64, val_size=args.num_images, batch_size=32, image_size=64)
         cb = TimedCallback(n_bootstrap=args.n_bootstrap, num_images=args.num_images, log_images=args.log_images)
-        logger = WandbLogger(project="attnreg-bench", save_dir=tmp, offline=True)
+        if args.logger == "wandb":
+            logger = WandbLogger(project="attnreg-bench", save_dir=tmp, offline=True)
+        else:
+            logger = CSVLogger(tmp)
         trainer = L.Trainer(
-            accelerator="cpu", logger=logger, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False
+            accelerator=args.accelerator,
+            devices=1,
+            logger=logger,
+            callbacks=[cb],
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         for epoch in ("first", "steady"):
             cb.hooks.seconds = cb.engine_time.seconds = 0.0
             trainer.validate(model, data, verbose=False)
             engine, hooks = cb.engine_time.seconds, cb.hooks.seconds
             row = {
-                "epoch": epoch, "images": args.num_images, "N": args.n_bootstrap, "log_images": args.log_images,
+                "epoch": epoch, "accelerator": args.accelerator, "logger": args.logger,
+                "images": args.num_images, "N": args.n_bootstrap, "log_images": args.log_images,
                 "engine_s": round(engine, 3), "callback_hooks_s": round(hooks, 3),
                 "overhead_over_engine": round((hooks - engine) / engine, 4),
             }  # fmt: skip
             print(json.dumps(row), flush=True)
-        import wandb
+        if args.logger == "wandb":
+            import wandb
 
-        wandb.finish()
+            wandb.finish()
 
 
 if __name__ == "__main__":

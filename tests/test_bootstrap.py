@@ -130,6 +130,7 @@ def test_bad_chunk_size_and_generator_count():
         list(iter_null_chunks(x, 2, "normal", [_gen()], max_images=4))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", METHODS)
 def test_generated_on_the_images_device(method):

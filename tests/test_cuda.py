@@ -1,0 +1,67 @@
+"""The GPU path: the statistics on a CUDA device give the CPU's (hence the oracle's) answers, and the engine
+runs there deterministically, in bf16 close to float32. Skipped without a CUDA device (CI has none);
+``benchmarks/gpu_suite.py`` runs them on a GPU."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from attnreg_lightning import AttentionRegularizer
+from attnreg_lightning.regularize import MAP_NAMES, regularize
+from attnreg_lightning.stats import significance
+from tests.test_stats import CASES, make_case
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize(("kind", "b", "n", "t", "seed"), CASES)
+def test_statistics_on_cuda_equal_the_cpu(kind, b, n, t, seed):
+    obs, null = (torch.from_numpy(a) for a in make_case(kind, b, n, t, seed))
+    cpu = significance(obs, null)
+    gpu = significance(obs.cuda(), null.cuda())
+    np.testing.assert_allclose(gpu.z.cpu(), cpu.z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gpu.p.cpu(), cpu.p, rtol=0, atol=0)
+    torch.testing.assert_close(gpu.pi0.cpu(), cpu.pi0, rtol=0, atol=0)
+    np.testing.assert_allclose(gpu.lfdr.cpu(), cpu.lfdr, rtol=0, atol=1e-6)
+    reg_cpu, reg_gpu = regularize(obs, cpu), regularize(obs.cuda(), gpu)
+    for name in MAP_NAMES:
+        if name not in ("lfdr", "posterior"):
+            torch.testing.assert_close(reg_gpu.maps[name].cpu(), reg_cpu.maps[name], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def cuda_vit():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch8_224", img_size=64, num_classes=0).eval()
+    with torch.no_grad():  # realistic weights: non-zero biases, non-identity norms
+        for name, p in vit.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return vit.cuda()
+
+
+def test_engine_on_cuda_is_deterministic_and_reads_the_same_attention_as_the_cpu(cuda_vit):
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    engine = AttentionRegularizer(cuda_vit, n_bootstrap=5)
+    a = engine(images.cuda(), sample_ids=[0, 1, 2, 3])
+    b = engine(images.cuda(), sample_ids=[0, 1, 2, 3])
+    torch.testing.assert_close(a.maps["lfdr"], b.maps["lfdr"], rtol=0, atol=0)
+    cpu_vit = timm.create_model("vit_small_patch8_224", img_size=64, num_classes=0).eval()
+    cpu_vit.load_state_dict({k: v.cpu() for k, v in cuda_vit.state_dict().items()})
+    cpu_obs, _ = AttentionRegularizer(cpu_vit, n_bootstrap=1).observe(images)
+    torch.testing.assert_close(a.attention.cpu(), cpu_obs, rtol=1e-3, atol=1e-6)
+
+
+def test_bfloat16_engine_on_cuda_is_close_to_float32(cuda_vit):
+    images = torch.randn(4, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    ids = [10, 11, 12, 13]
+    full = AttentionRegularizer(cuda_vit, n_bootstrap=5).observe(images, ids)
+    half = AttentionRegularizer(cuda_vit, n_bootstrap=5, autocast_dtype=torch.bfloat16).observe(images, ids)
+    for f, h in zip(full, half, strict=True):
+        assert not torch.equal(f, h)  # bf16 really ran
+        # bf16 keeps ~3 significant digits: attention (rows sum to 1) moves by a few percent at most
+        torch.testing.assert_close(h, f, rtol=0.1, atol=2e-4)
