@@ -4,15 +4,23 @@ python train.py                                         # ViT-tiny on planted sh
 python train.py trainer=ddp_cpu                         # 2 CPU processes (gloo)
 python train.py -m attnreg.method=normal,pixel attnreg.n_bootstrap=1,10
 python train.py hparams_search=attnreg_optuna           # Optuna over the method's knobs
+python train.py ckpt_path=outputs/train/<time>/checkpoints/last.ckpt   # resume a fit
+
+Each Hydra job gets its own W&B run, named after the job's overrides and grouped by sweep, holding the
+whole resolved config; it is finished when the job ends (marked failed if the job raised).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -30,7 +38,7 @@ SUMMARY_KEYS = (
     "attnreg/posterior/roi_mass",
     "attnreg/raw/noise_percentile",
     "attnreg/lfdr/noise_percentile",
-    "attnreg/lfdr/noise_d",
+    "attnreg/lfdr/noise_kept",
     "attnreg/lfdr/sparsity",
     "attnreg/lfdr/roi_f1",
     "attnreg/topk/roi_f1",
@@ -40,17 +48,56 @@ SUMMARY_KEYS = (
 
 def build_logger(cfg: DictConfig):
     node = cfg.get("logger")
-    return instantiate(node) if node and "_target_" in node else None
+    if not node or "_target_" not in node:
+        return None
+    if node._target_.endswith("WandbLogger"):
+        # a sweep's runs read "attnreg.method=pixel" in the W&B table, side by side in the sweep's group
+        hydra_cfg = HydraConfig.get()
+        name = node.get("name") or run_name(hydra_cfg) or None
+        group = node.get("group") or (Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else "")
+        return instantiate(node, name=name, group=group)
+    return instantiate(node)
+
+
+def run_name(hydra_cfg) -> str:
+    """The job's overrides of the keys a sweep varies (all of them outside a sweep): ``attnreg.method=pixel``."""
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return ",".join(overrides)
+    swept = set(hydra_cfg.sweeper.get("params") or {})  # an Optuna search space
+    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    swept |= {o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()}
+    return ",".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
+
+
+def finish_wandb(logger, failed: bool) -> None:
+    """End this job's W&B run, so the next job of a sweep starts its own (Lightning would reuse a live one)."""
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        import wandb
+
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def train(cfg: DictConfig) -> float:
     """Fit, validate the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
     attnreg = AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
+    logger = build_logger(cfg)
+    try:
+        result = _fit(cfg, attnreg, logger)
+    except BaseException:
+        finish_wandb(logger, failed=True)
+        raise
+    finish_wandb(logger, failed=False)
+    return result
+
+
+def _fit(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> float:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
-    logger = build_logger(cfg)
+    if logger is not None:  # the run's config is the whole experiment, resolved
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [
         ModelCheckpoint(
             dirpath=output_dir / "checkpoints", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, save_last=True
@@ -60,7 +107,7 @@ def train(cfg: DictConfig) -> float:
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger if logger is not None else False)
-    trainer.fit(model, datamodule)
+    trainer.fit(model, datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path
     if cfg.validate_best and best:

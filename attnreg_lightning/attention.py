@@ -60,6 +60,11 @@ def check_model(vit: nn.Module) -> None:
             "get_last_selfattention(images); pass a timm VisionTransformer, a DINO-style model, or a "
             "LightningModule whose attention_model() / vit / backbone is one"
         )
+    if hasattr(vit, "rope"):
+        raise TypeError(
+            f"{name} uses rotary position embeddings (timm EVA-style blocks): reading its attention without "
+            "applying them to q and k would give wrong maps, so it is refused (RoPE ViTs are not supported yet)"
+        )
     if getattr(vit, "cls_token", None) is None:
         raise TypeError(f"{name} has no class token (class_token=False): there is no CLS query to read attention from")
     last = vit.blocks[-1]

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
@@ -21,10 +22,11 @@ from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.loggers import PictureRow, log_pictures, warn_unknown
 from attnreg_lightning.metrics import (
+    Counts,
     MeanScores,
     NullCalibration,
+    RegionShares,
     TopKBaseline,
-    curve_at,
     image_scores,
     score_keys,
     token_mask,
@@ -45,9 +47,24 @@ class BatchView:
     noise_masks: Tensor | None = None
 
 
+def _is_ids(item: Any, batch_size: int) -> bool:
+    return (
+        isinstance(item, Tensor)
+        and item.dim() == 1
+        and not item.is_floating_point()
+        and item.dtype != torch.bool
+        and item.shape[0] == batch_size
+    )
+
+
 def default_batch_to_images(batch: Any) -> BatchView:
-    """Read ``x``, ``(x, y)``, ``(x, y, mask)``, ``(x, y, mask, id)``, ``(x, y, mask, id, noise_mask)`` or a dict
-    with ``image``/``mask``/``id``/``noise_mask`` keys."""
+    """Read a batch: ``x``; a tuple or list ``(x, y, *extras)``; or a dict with ``image``/``images``/``x``,
+    ``mask``/``masks``, ``id``/``ids``/``sample_id`` and ``noise_mask`` keys.
+
+    In a tuple the label ``y`` is ignored; among the extras a 1-D integer tensor of length ``B`` is the
+    sample ids, and the others are, in order, the object mask and the noise mask: ``(x, y, id)``,
+    ``(x, y, mask)``, ``(x, y, mask, id)`` and ``(x, y, mask, id, noise_mask)`` all read as expected.
+    """
     if isinstance(batch, Tensor):
         return BatchView(batch)
     if isinstance(batch, Mapping):
@@ -57,8 +74,14 @@ def default_batch_to_images(batch: Any) -> BatchView:
         get = lambda *keys: next((batch[k] for k in keys if k in batch), None)  # noqa: E731
         return BatchView(image, get("mask", "masks"), get("id", "ids", "sample_id"), get("noise_mask"))
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        extra = list(batch[2:5]) + [None] * (5 - len(batch))
-        return BatchView(batch[0], *extra[:3])
+        images, ids, masks = batch[0], None, []
+        for item in batch[2:]:
+            if ids is None and _is_ids(item, images.shape[0]):
+                ids = item
+            else:
+                masks.append(item)
+        masks += [None] * (2 - len(masks))
+        return BatchView(images, masks[0], ids, masks[1])
     raise ValueError(f"can't find images in a batch of type {type(batch).__name__}; pass batch_to_images=...")
 
 
@@ -72,10 +95,12 @@ def _compute(metric: Metric):
 class AttentionRegularizationCallback(Callback):
     """Explain validation images with bootstrap-regularized attention and log maps and metrics.
 
-    Each validation epoch (every ``every_n_epochs``, never during sanity checking) it explains the first
-    ``num_images`` validation images of each rank, logs ``attnreg/<map>/<metric>`` at epoch end (reduced
-    over ranks by torchmetrics) and, from rank 0, a picture row per image for ``log_images`` images. It
-    never changes training: no gradients, modes restored, its own random generators.
+    It explains the first ``num_images`` validation images of each rank at the first validation run of a fit
+    and every ``every_n_epochs``-th run after it (runs are counted, so ``check_val_every_n_epoch`` and
+    ``val_check_interval`` compose with it; never during sanity checking; a ``trainer.validate`` is always
+    explained). At each explained run's end it logs ``<name>/<map>/<metric>`` (reduced over ranks by
+    torchmetrics) and, from rank 0, a picture row for ``log_images`` images. It never changes training: no
+    gradients, modes restored, its own random generators.
 
     Example::
 
@@ -84,10 +109,17 @@ class AttentionRegularizationCallback(Callback):
         trainer = L.Trainer(callbacks=[AttentionRegularizationCallback(method="normal", n_bootstrap=10)])
         trainer.fit(model, datamodule)  # model: a timm ViT LightningModule (attribute ``vit``/``backbone``)
 
+    Two in one Trainer need distinct names (their key prefixes and checkpoint state keys)::
+
+        callbacks=[AttentionRegularizationCallback(method="normal"),
+                   AttentionRegularizationCallback(method="pixel", name="attnreg_pixel")]
+
     Args:
         config: all knobs at once; or give them as keyword arguments (``n_bootstrap=20``, ...).
         batch_to_images: reads a batch into a :class:`BatchView` when the default reader can't.
     """
+
+    COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error")
 
     def __init__(
         self,
@@ -101,34 +133,58 @@ class AttentionRegularizationCallback(Callback):
         self._batch_to_images = batch_to_images or default_batch_to_images
         self.engine: AttentionRegularizer | None = None
         self.scores = MeanScores(score_keys(self.config.maps))
+        self.regions = RegionShares(self.config.maps)
         self.calibration = NullCalibration()
         self.topk = TopKBaseline()
+        self.counts = Counts(self.COUNT_KEYS)
         self.explained_total = 0
         self.skipped_total = 0
+        self.validation_runs = 0
         self._active = False
-        self._explained = 0
-        self._skipped = 0
+        self._seen = 0
         self._rows: list[PictureRow] = []
         self._z: list[tuple[Tensor, Tensor]] = []
         self._warned_loggers = False
+        self._logged_config = False
+
+    @property
+    def prefix(self) -> str:
+        return self.config.name
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.config.name)
 
     def batch_to_images(self, batch: Any) -> BatchView:
         return self._batch_to_images(batch)
+
+    def _metrics(self) -> tuple[Metric, ...]:
+        return (self.scores, self.regions, self.calibration, self.topk, self.counts)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_model(resolve_vit(pl_module))
         self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs())
+        if trainer is not None and trainer.is_global_zero and not self._logged_config:
+            # the knobs are the experiment: every logger that takes hyperparameters records them, once
+            for logger in trainer.loggers:
+                logger.log_hyperparams({self.prefix: dataclasses.asdict(self.config)})
+            self._logged_config = True
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         cfg = self.config
-        self._active = (
-            not trainer.sanity_checking and cfg.num_images > 0 and trainer.current_epoch % cfg.every_n_epochs == 0
-        )
-        self._explained = self._skipped = 0
+        if trainer.sanity_checking or cfg.num_images == 0:
+            self._active = False
+        elif trainer.state.fn == TrainerFn.FITTING:
+            self._active = self.validation_runs % cfg.every_n_epochs == 0
+            self.validation_runs += 1
+        else:
+            self._active = True
+        self._seen = 0
         self._rows, self._z = [], []
-        for metric in (self.scores, self.calibration, self.topk):
+        for metric in self._metrics():
             metric.to(pl_module.device).reset()
 
     @override
@@ -142,40 +198,44 @@ class AttentionRegularizationCallback(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         cfg = self.config
-        if not self._active or self._explained >= cfg.num_images:
+        if not self._active or self._seen >= cfg.num_images:
             return
         view = self.batch_to_images(batch)
-        take = min(cfg.num_images - self._explained, view.images.shape[0])
+        take = min(cfg.num_images - self._seen, view.images.shape[0])
         images = view.images[:take].to(pl_module.device)
         if view.ids is not None:
             ids = torch.as_tensor(view.ids[:take]).tolist()
         else:
-            base = trainer.global_rank * _FALLBACK_ID_STRIDE + self._explained
+            base = trainer.global_rank * _FALLBACK_ID_STRIDE + self._seen
             ids = list(range(base, base + take))
-        self._explained += take
+        self._seen += take
         try:
             reg = self.engine(images, sample_ids=ids)
         except Exception as err:
             if cfg.on_error == "raise":
                 raise
-            rank_zero_warn(f"attnreg: skipped {take} images of validation batch {batch_idx}: {err!r}")
-            self._skipped += take
+            rank_zero_warn(f"{self.prefix}: could not explain {take} image(s) of validation batch {batch_idx}: {err}")
+            self.counts.update(skipped_error=take)
             return
         valid = reg.significance.valid
         bad = int((~valid).sum())
         if bad:
             if cfg.on_error == "raise":
-                raise ValueError(f"attnreg: {bad} degenerate image(s) (constant or non-finite) in batch {batch_idx}")
-            self._skipped += bad
+                raise ValueError(
+                    f"{self.prefix}: {bad} degenerate image(s) (constant or non-finite) in batch {batch_idx}"
+                )
+            self.counts.update(skipped_degenerate=bad)
+        self.counts.update(explained=take - bad)
         if not bool(valid.any()):
             return
         roi = self._token_mask(view.masks, take, reg.grid, images.device)
         noise = self._token_mask(view.noise_masks, take, reg.grid, images.device)
         scores = image_scores(reg, cfg.maps, roi, noise)
         self.scores.update(scores)
+        self.regions.update(reg, roi, noise)
         self.calibration.update(null_pvalues(reg.significance)[valid])
         if roi is not None:
-            self.topk.update(reg.attention[valid], roi[valid])
+            self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
         if trainer.is_global_zero:
             self._collect_pictures(images, reg, ids, scores)
 
@@ -199,37 +259,22 @@ class AttentionRegularizationCallback(Callback):
         if not self._active:
             return
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
-        scores, srmsd, curve = (_compute(m) for m in (self.scores, self.calibration, self.topk))
-        values = {f"attnreg/{k}": v for k, v in scores.items()}
-        values["attnreg/null_srmsd"] = srmsd
-        for m in self.config.maps:
-            # D: the share of attention on the noise squares kept by a map, relative to the raw map's
-            noise_mass, raw_noise = values.get(f"attnreg/{m}/noise_mass"), values.get("attnreg/raw/noise_mass")
-            if noise_mass is not None and raw_noise is not None and raw_noise > 0:
-                values[f"attnreg/{m}/noise_d"] = noise_mass / raw_noise
-        kept = values.get("attnreg/lfdr/sparsity")
-        if kept is not None and torch.isfinite(curve).all():  # curve is NaN when no rank saw a mask
-            values["attnreg/topk/roi_f1"] = curve_at(curve, 1 - kept)
-        values = {k: v.float() for k, v in values.items() if torch.isfinite(v)}
-        pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
-        counts = torch.tensor([self._explained, self._skipped], dtype=torch.float32, device=pl_module.device)
-        pl_module.log_dict(
-            {"attnreg/explained": counts[0], "attnreg/skipped": counts[1]},
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            reduce_fx="sum",
-        )
-        self.explained_total += self._explained
-        self.skipped_total += self._skipped
-        if self._skipped:
-            rank_zero_warn(f"attnreg: {self._skipped} degenerate image(s) skipped this epoch on rank 0")
+        scores, regions, srmsd, topk_f1, counts = (_compute(m) for m in self._metrics())
+        values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts}
+        values = {f"{self.prefix}/{k}": v.float() for k, v in values.items() if torch.isfinite(v)}
+        # Already reduced over ranks by torchmetrics: rank_zero_only turns Lightning's own sync (and its
+        # "use sync_dist=True" warning) off, while every rank still logs the same value.
+        pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
+        explained, degenerate, failed = (int(counts[k]) for k in self.COUNT_KEYS)
+        self.explained_total += explained
+        self.skipped_total += degenerate + failed
+        if degenerate:
+            rank_zero_warn(f"{self.prefix}: {degenerate} degenerate image(s) (constant or non-finite) skipped")
         if trainer.is_global_zero and self._rows:
             z_obs = torch.cat([z.flatten() for z, _ in self._z])
             z_null = torch.cat([z0.flatten() for _, z0 in self._z])
-            unknown = log_pictures(
-                trainer.loggers, self._rows, z_obs, z_null, trainer.global_step, trainer.current_epoch
-            )
+            stage = f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else str(trainer.state.fn)
+            unknown = log_pictures(trainer.loggers, self._rows, z_obs, z_null, trainer.global_step, stage, self.prefix)
             if unknown and not self._warned_loggers:
                 warn_unknown(unknown)
                 self._warned_loggers = True
@@ -241,15 +286,17 @@ class AttentionRegularizationCallback(Callback):
             "config": dataclasses.asdict(self.config),
             "explained_total": self.explained_total,
             "skipped_total": self.skipped_total,
+            "validation_runs": self.validation_runs,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = AttnRegConfig(**state_dict["config"])
         if saved.seed != self.config.seed:
-            rank_zero_warn(f"attnreg: resuming with the checkpoint's seed {saved.seed} (was {self.config.seed})")
+            rank_zero_warn(f"{self.prefix}: resuming with the checkpoint's seed {saved.seed} (was {self.config.seed})")
             self.config = dataclasses.replace(self.config, seed=saved.seed)
             if self.engine is not None:
                 self.engine = AttentionRegularizer(self.engine.model, **self.config.engine_kwargs())
         self.explained_total = state_dict["explained_total"]
         self.skipped_total = state_dict["skipped_total"]
+        self.validation_runs = state_dict.get("validation_runs", 0)

@@ -7,6 +7,7 @@ out-of-range value fails at start-up with the key named.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,8 +35,9 @@ class AttnRegConfig:
 
     ``pi0=None`` estimates pi0 per image (Storey); a float fixes it. ``maps`` are the regularized maps whose
     metrics and pictures are logged. ``num_images`` is per validation epoch and per rank; ``log_images`` is
-    how many of those get a picture row (rank 0 only). ``method_*`` fields are options of the null generator
-    (``patch_size=None``: the model's patch size).
+    how many of those get a picture row (rank 0 only). ``std_factor``, ``all_channels`` and ``patch_size``
+    are options of the null generator (``patch_size=None``: the model's patch size). ``name`` prefixes every
+    logged key and names the callback's checkpoint state (two callbacks in one Trainer need two names).
     """
 
     method: str = "normal"
@@ -56,8 +58,11 @@ class AttnRegConfig:
     std_factor: float = 1.0
     all_channels: bool = True
     patch_size: Optional[int] = None  # noqa: UP045
+    name: str = "attnreg"
 
     def __post_init__(self) -> None:
+        if isinstance(self.maps, str):  # maps="lfdr" means one map, not the letters l, f, d, r
+            self.maps = [self.maps]
         _require(self.method in available_methods(), "method", self.method, f"choose one of {available_methods()}")
         _require(
             _is_int(self.n_bootstrap) and self.n_bootstrap >= 1, "n_bootstrap", self.n_bootstrap, "need an int >= 1"
@@ -101,6 +106,13 @@ class AttnRegConfig:
             "need null or an int >= 1",
         )
 
+        _require(
+            isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+            "name",
+            self.name,
+            "need a non-empty key prefix of letters, digits, '_', '.', '-'",
+        )
+
     @property
     def thresholds(self) -> Thresholds:
         return Thresholds(z_th=self.z_th, p_th=self.p_th, lfdr_th=self.lfdr_th, q_th=self.q_th)
@@ -130,7 +142,10 @@ class AttnRegConfig:
 
 
 def register_configs() -> None:
-    """Register the structured config schemas with Hydra (``attnreg/schema``), so composition type-checks keys."""
+    """Register the structured config schema with Hydra, so composition type-checks ``attnreg.*`` keys.
+
+    Stored outside the ``attnreg`` group (``conf/attnreg/default.yaml`` pulls it in with
+    ``/attnreg_schema@_here_``), so ``--help`` lists only the options a user can choose."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="attnreg", name="schema", node=AttnRegConfig)
+    ConfigStore.instance().store(name="attnreg_schema", node=AttnRegConfig)

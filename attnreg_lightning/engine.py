@@ -43,6 +43,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
+def _check_tiles(vit: nn.Module, tile: int | None) -> None:
+    """Refuse at construction a ``patch`` tile size that can't tile the model's fixed image size."""
+    size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+    if tile is None or size is None or getattr(vit, "dynamic_img_size", False):
+        return
+    if any(int(s) % tile for s in size):
+        raise ValueError(
+            f"patch_size={tile}: the patch null's tiles must tile the model's {size[0]}x{size[1]} images "
+            "(choose a divisor of the image size, or null for the model's patch size)"
+        )
+
+
 class AttentionRegularizer:
     """Bootstrap-regularized CLS attention for a ViT (DESIGN.md, "The method, exactly").
 
@@ -90,6 +102,7 @@ class AttentionRegularizer:
             grid_patch = getattr(getattr(resolve_vit(model), "patch_embed", None), "patch_size", None)
             if grid_patch is not None:
                 self.method_options["patch_size"] = grid_patch if isinstance(grid_patch, int) else int(grid_patch[0])
+        _check_tiles(resolve_vit(model), self.method_options.get("patch_size") if method == "patch" else None)
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
 

@@ -14,9 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-IMAGE_KEY = "attnreg/maps"
-TABLE_KEY = "attnreg/images"
-HIST_KEYS = ("attnreg/z_observed", "attnreg/z_null")
+IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")  # under the callback's prefix
 
 
 @dataclass
@@ -29,17 +27,27 @@ class PictureRow:
 
 
 def log_pictures(
-    loggers: list[Logger], rows: list[PictureRow], z_observed: Tensor, z_null: Tensor, step: int, epoch: int
+    loggers: list[Logger],
+    rows: list[PictureRow],
+    z_observed: Tensor,
+    z_null: Tensor,
+    step: int,
+    stage: str,
+    prefix: str = "attnreg",
 ) -> list[str]:
-    """Send pictures to every logger that can take them; return the names of loggers that could not."""
+    """Send pictures to every logger that can take them; return the names of loggers that could not.
+
+    ``stage`` says which validation run they come from (``epoch3``, or ``validate`` for a ``trainer.validate``
+    after fit); PNG files are named by global step and stage, so no run overwrites another's.
+    """
     skipped = []
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            _to_wandb(logger, rows, z_observed, z_null, step, epoch)
+            _to_wandb(logger, rows, z_observed, z_null, step, stage, prefix)
         elif isinstance(logger, TensorBoardLogger):
-            _to_tensorboard(logger, rows, z_observed, z_null, step)
+            _to_tensorboard(logger, rows, z_observed, z_null, step, prefix)
         elif isinstance(logger, CSVLogger):
-            _to_png(Path(logger.log_dir) / "attnreg", rows, epoch)
+            _to_png(Path(logger.log_dir) / prefix, rows, f"step{step:07d}_{stage}")
         else:
             skipped.append(type(logger).__name__)
     return skipped
@@ -49,35 +57,35 @@ def warn_unknown(names: list[str]) -> None:
     rank_zero_warn(f"attnreg: logger(s) {sorted(set(names))} take scalars only; pictures are not logged to them")
 
 
-def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, epoch) -> None:
+def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix) -> None:
     import wandb
 
     # The table holds numbers only: images in it would be encoded and stored a second time.
-    columns = ["epoch", *rows[0].stats] if rows else ["epoch"]
-    table = wandb.Table(columns=columns, data=[[epoch, *r.stats.values()] for r in rows])
-    images = [wandb.Image(r.image, caption=r.caption) for r in rows]
+    columns = ["stage", *rows[0].stats] if rows else ["stage"]
+    table = wandb.Table(columns=columns, data=[[stage, *r.stats.values()] for r in rows])
+    images = [wandb.Image(r.image, caption=f"{stage}, {r.caption}") for r in rows]
     logger.log_metrics(
         {
-            IMAGE_KEY: images,
-            TABLE_KEY: table,
-            HIST_KEYS[0]: wandb.Histogram(z_observed.float().cpu().numpy()),
-            HIST_KEYS[1]: wandb.Histogram(z_null.float().cpu().numpy()),
+            f"{prefix}/{IMAGE_KEY}": images,
+            f"{prefix}/{TABLE_KEY}": table,
+            f"{prefix}/{HIST_KEYS[0]}": wandb.Histogram(z_observed.float().cpu().numpy()),
+            f"{prefix}/{HIST_KEYS[1]}": wandb.Histogram(z_null.float().cpu().numpy()),
         },
         step=step,
     )
 
 
-def _to_tensorboard(logger: TensorBoardLogger, rows, z_observed, z_null, step) -> None:
+def _to_tensorboard(logger: TensorBoardLogger, rows, z_observed, z_null, step, prefix) -> None:
     writer = logger.experiment
     for i, r in enumerate(rows):
-        writer.add_image(f"{IMAGE_KEY}/{i}", r.image, step, dataformats="HWC")
-    writer.add_histogram(HIST_KEYS[0], z_observed.float().cpu(), step)
-    writer.add_histogram(HIST_KEYS[1], z_null.float().cpu(), step)
+        writer.add_image(f"{prefix}/{IMAGE_KEY}/{i}", r.image, step, dataformats="HWC")
+    writer.add_histogram(f"{prefix}/{HIST_KEYS[0]}", z_observed.float().cpu(), step)
+    writer.add_histogram(f"{prefix}/{HIST_KEYS[1]}", z_null.float().cpu(), step)
 
 
-def _to_png(folder: Path, rows, epoch) -> None:
+def _to_png(folder: Path, rows, name: str) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(rows):
-        Image.fromarray(r.image).save(folder / f"epoch{epoch:03d}_image{i}.png")
+        Image.fromarray(r.image).save(folder / f"{name}_image{i}.png")

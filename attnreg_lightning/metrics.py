@@ -42,12 +42,6 @@ def entropy(x: Tensor) -> Tensor:
     return -(p * p.clamp_min(1e-30).log()).sum(1)
 
 
-def region_mass(x: Tensor, region: Tensor) -> Tensor:
-    """Share of each row's mass inside ``region``; NaN where the row has no mass."""
-    x = x.clamp_min(0)
-    return (x * region).sum(1) / x.sum(1)
-
-
 def mean_percentile(x: Tensor, region: Tensor) -> Tensor:
     """Mean percentile (0-100, mid-rank for ties) of the region's tokens among all tokens; NaN if no region."""
     ordered = x.sort(dim=1).values.contiguous()
@@ -77,13 +71,10 @@ def topk_f1_curve(x: Tensor, region: Tensor, points: int) -> Tensor:
 
 def score_keys(maps: Sequence[str]) -> list[str]:
     """Every key :func:`image_scores` can return for these maps (fixed, so all ranks hold the same states)."""
-    keys = ["pi0", "discoveries", "raw/gini", "raw/entropy"]
-    for region in ("roi", "noise"):
-        keys += [f"raw/{region}_mass", f"raw/{region}_percentile"]
+    keys = ["pi0", "discoveries", "raw/gini", "raw/entropy", "raw/roi_percentile", "raw/noise_percentile"]
     for m in maps:
         keys += [f"{m}/sparsity", f"{m}/retained_mass", f"{m}/gini", f"{m}/entropy"]
-        keys += [f"{m}/roi_precision", f"{m}/roi_recall", f"{m}/roi_f1", f"{m}/roi_mass", f"{m}/roi_percentile"]
-        keys += [f"{m}/noise_mass", f"{m}/noise_percentile"]
+        keys += [f"{m}/roi_precision", f"{m}/roi_recall", f"{m}/roi_f1", f"{m}/roi_percentile", f"{m}/noise_percentile"]
     return keys
 
 
@@ -100,7 +91,6 @@ def image_scores(
     }
     for name, region in (("roi", roi), ("noise", noise)):
         if region is not None:
-            out[f"raw/{name}_mass"] = region_mass(raw, region)
             out[f"raw/{name}_percentile"] = mean_percentile(raw, region)
     sparsity, retained = reg.sparsity, reg.retained_mass
     for m in maps:
@@ -112,10 +102,8 @@ def image_scores(
         if roi is not None:
             p, r, f1 = precision_recall_f1(values > 0, roi)
             out.update({f"{m}/roi_precision": p, f"{m}/roi_recall": r, f"{m}/roi_f1": f1})
-            out[f"{m}/roi_mass"] = region_mass(values, roi)
             out[f"{m}/roi_percentile"] = mean_percentile(values, roi)
         if noise is not None:
-            out[f"{m}/noise_mass"] = region_mass(values, noise)
             out[f"{m}/noise_percentile"] = mean_percentile(values, noise)
     valid = reg.significance.valid
     return {k: v.to(torch.float64)[valid] for k, v in out.items()}
@@ -142,6 +130,75 @@ class MeanScores(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         return {k: self.total[i] / self.count[i] for i, k in enumerate(self.keys) if self.count[i] > 0}
+
+
+class Counts(Metric):
+    """Named counts summed over batches and ranks (images explained, skipped as degenerate, failed, ...)."""
+
+    full_state_update = False
+
+    def __init__(self, keys: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.keys = list(keys)
+        self.add_state("counts", torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, **counts: int) -> None:
+        for key, n in counts.items():
+            self.counts[self.keys.index(key)] += n
+
+    def compute(self) -> dict[str, Tensor]:
+        return dict(zip(self.keys, self.counts, strict=True))
+
+
+class RegionShares(Metric):
+    """Where the attention lies and how much of it a map keeps, pooled over images (sums, so DDP-exact).
+
+    For the raw map and each regularized map ``m``, over every region (``roi``, ``noise``) seen, over the
+    valid images that have region tokens:
+
+    - ``<m>/<region>_mass``: ``sum(m on region) / sum(m)``, the share of the map's attention on the region;
+    - ``<m>/<region>_kept`` (regularized maps): ``sum(m on region) / sum(raw on region)``, the share of the raw
+      attention on the region that the map keeps, in [0, 1] since every map is at most the raw one.
+
+    Pooled, an image whose map is empty adds nothing to either sum, for the raw map and the regularized one
+    alike; raw attention sums to one per image, so its pooled share is also its mean share per image.
+    """
+
+    full_state_update = False
+    REGIONS = ("roi", "noise")
+
+    def __init__(self, maps: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.maps = ["raw", *maps]
+        shape = (len(self.maps), len(self.REGIONS))
+        self.add_state("on_region", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros(len(self.REGIONS), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, reg: RegularizedAttention, roi: Tensor | None = None, noise: Tensor | None = None) -> None:
+        valid = reg.significance.valid
+        for j, region in enumerate((roi, noise)):
+            if region is None:
+                continue
+            # an image without region tokens (no mask, or an object under half a token) has nothing to share
+            rows = valid & region.any(1)
+            region = region[rows].to(torch.float64)
+            self.seen[j] += region.shape[0]
+            for i, m in enumerate(self.maps):
+                values = (reg.attention if m == "raw" else reg.maps[m])[rows].clamp_min(0).to(torch.float64)
+                self.on_region[i, j] += (values * region).sum()
+                self.total[i, j] += values.sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {}
+        for j, region in enumerate(self.REGIONS):
+            if self.seen[j] == 0:
+                continue
+            for i, m in enumerate(self.maps):
+                out[f"{m}/{region}_mass"] = self.on_region[i, j] / self.total[i, j]
+                if m != "raw":
+                    out[f"{m}/{region}_kept"] = self.on_region[i, j] / self.on_region[0, j]
+        return out
 
 
 class NullCalibration(Metric):
@@ -181,10 +238,11 @@ def curve_at(curve: Tensor, fraction: float | Tensor) -> Tensor:
 
 
 class TopKBaseline(Metric):
-    """Mean over images of the top-k F1 curve against the ROI, on ``points`` kept fractions.
+    """F1 against the ROI of a fixed global top-k with the mean sparsity of a reference map (the ``lfdr`` map):
+    the honest baseline for the method's per-image choice of k.
 
-    Read it with :func:`curve_at` at the mean kept fraction of a regularized map (e.g. ``lfdr``): the F1 of a
-    fixed global top-k with that sparsity, the honest baseline for the method's per-image choice of k.
+    Holds the mean top-k F1 curve over images with an ROI, on ``points`` kept fractions, and the reference
+    map's mean kept fraction over the same images; ``compute`` reads the curve there (NaN without an ROI).
     """
 
     full_state_update = False
@@ -193,12 +251,16 @@ class TopKBaseline(Metric):
         super().__init__(**kwargs)
         self.points = points
         self.add_state("curve", torch.zeros(points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kept", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, attention: Tensor, roi: Tensor) -> None:
+    def update(self, attention: Tensor, roi: Tensor, reference_map: Tensor) -> None:
         has_roi = roi.any(1)
         self.curve += topk_f1_curve(attention[has_roi], roi[has_roi], self.points).sum(0)
+        self.kept += (reference_map[has_roi] > 0).to(torch.float64).mean(1).sum()
         self.count += has_roi.sum()
 
     def compute(self) -> Tensor:
-        return self.curve / self.count
+        if self.count == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.curve.device)
+        return curve_at(self.curve / self.count, self.kept / self.count)

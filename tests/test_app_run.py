@@ -58,24 +58,41 @@ def test_ddp_cpu_runs_two_processes(tmp_path):
     assert metrics["attnreg/explained"] == 16  # 8 images on each of 2 ranks
 
 
-def test_multirun_sweeps_the_method_knobs(tmp_path):
+def _wandb_runs(folder: Path) -> list[dict]:
+    from tests.wandb_reader import run_info
+
+    return [run_info(f) for f in sorted(folder.glob("*/wandb/offline-run-*/run-*.wandb"))]
+
+
+def test_multirun_sweeps_the_method_knobs_one_wandb_run_per_job(tmp_path):
     proc = run_app(
         tmp_path,
         "-m",
         "attnreg.method=normal,pixel",
         "attnreg.n_bootstrap=1,10",
         *[o for o in TINY if not o.startswith("attnreg.n_bootstrap")],
-        "logger=none",
         f"hydra.sweep.dir={tmp_path / 'multi'}",
     )
     _ok(proc)
     runs = sorted((tmp_path / "multi").glob("*/metrics.json"))
     assert len(runs) == 4
-    overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs]
-    assert sum("attnreg.method=pixel" in o for o in overrides) == 2
-    assert sum("attnreg.n_bootstrap=10" in o for o in overrides) == 2
     sparsities = {json.loads(p.read_text())["attnreg/lfdr/sparsity"] for p in runs}
     assert len(sparsities) > 1  # the knobs change the maps
+    # W&B, read back from disk: a run of its own per job, named by its overrides, in the sweep's group,
+    # holding the whole resolved experiment
+    wandb_runs = _wandb_runs(tmp_path / "multi")
+    assert len(wandb_runs) == 4 and "reuse this run" not in proc.stderr
+    grid = {(r["config"]["attnreg"]["method"], r["config"]["attnreg"]["n_bootstrap"]) for r in wandb_runs}
+    assert grid == {("normal", 1), ("normal", 10), ("pixel", 1), ("pixel", 10)}
+    for r in wandb_runs:
+        method, n = r["config"]["attnreg"]["method"], r["config"]["attnreg"]["n_bootstrap"]
+        assert r["name"] == f"attnreg.method={method},attnreg.n_bootstrap={n}"
+        assert r["group"] == "multi" and r["exit_code"] == 0
+        assert r["config"]["data"]["train_size"] == 48 and r["config"]["seed"] == 0
+        assert r["config"]["model"]["model_kwargs"]["depth"] == 2
+    # the end-of-run summary of each job names that job's own run
+    printed = [line.split()[-1] for line in proc.stdout.splitlines() if "W&B run (offline):" in line]
+    assert len(set(printed)) == 4
 
 
 @pytest.mark.parametrize(
@@ -124,11 +141,32 @@ def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=1",
         *[o for o in TINY if not o.startswith("attnreg.n_bootstrap")],
-        "logger=none",
         f"hydra.sweep.dir={tmp_path / 'optuna'}",
     )
     _ok(proc)
+    wandb_runs = _wandb_runs(tmp_path / "optuna")
+    assert len(wandb_runs) == 2 and len({r["name"] for r in wandb_runs}) == 2
     results = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
     for knob in ("attnreg.method", "attnreg.n_bootstrap", "attnreg.p_th", "attnreg.lfdr_th"):
         assert knob in results
     assert len(list((tmp_path / "optuna").glob("*/metrics.json"))) == 2
+
+
+def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path):
+    _ok(run_app(tmp_path, *TINY, "logger=csv", f"hydra.run.dir={tmp_path / 'first'}"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    proc = run_app(
+        tmp_path,
+        *[o for o in TINY if o != "trainer.max_epochs=1"],
+        "trainer.max_epochs=2",
+        f"ckpt_path={last}",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+    )
+    _ok(proc)
+    import torch
+
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 6  # 3 steps an epoch: a second epoch on top of the first run's one
+    (cb_state,) = [v for k, v in state["callbacks"].items() if "AttentionRegularizationCallback" in k]
+    assert cb_state["validation_runs"] == 2 and cb_state["explained_total"] == 16  # the count carried over

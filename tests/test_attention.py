@@ -125,3 +125,14 @@ def test_errors_name_the_model_and_what_is_missing():
         cls_attention(fixed, _images(1, 32, 32))
     with pytest.raises(ValueError, match="heads"):
         cls_attention(fixed, _images(1, 64, 64), heads="max")
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "eva_giant_patch14_224"])
+def test_rope_and_eva_models_are_refused_at_construction_naming_the_reason(name):
+    from attnreg_lightning import AttentionRegularizer
+
+    kwargs = {"img_size": 28, "depth": 1} if "eva02" in name else {"img_size": 28, "depth": 1, "embed_dim": 32}
+    kwargs["num_heads"] = 2
+    eva = timm.create_model(name, **kwargs)
+    with pytest.raises(TypeError, match="Eva.*rotary position embeddings"):
+        AttentionRegularizer(eva)

@@ -60,20 +60,31 @@ def test_fit_logs_every_promised_metric(tmp_path):
     _trainer(tmp_path, [cb], logger).fit(tiny_module(), tiny_data(noise_squares=1))
     rows = _read_csv(logger)
     logged = {k for r in rows for k, v in r.items() if v not in ("", None)}
-    promised = {f"attnreg/{k}" for k in score_keys(MAPS)} | {
-        "attnreg/null_srmsd",
-        "attnreg/topk/roi_f1",
-        "attnreg/explained",
-        "attnreg/skipped",
-    }
+    regions = {f"attnreg/{m}/{r}_{s}" for m in MAPS for r in ("roi", "noise") for s in ("mass", "kept")}
+    promised = (
+        {f"attnreg/{k}" for k in score_keys(MAPS)}
+        | regions
+        | {
+            "attnreg/raw/roi_mass",
+            "attnreg/raw/noise_mass",
+            "attnreg/null_srmsd",
+            "attnreg/topk/roi_f1",
+            "attnreg/explained",
+            "attnreg/skipped_degenerate",
+            "attnreg/skipped_error",
+        }
+    )
     # precision is undefined for an image whose map keeps nothing; all else must be there
     assert promised - logged <= {f"attnreg/{m}/roi_precision" for m in MAPS}
     epochs = [r for r in rows if r.get("attnreg/explained")]
     assert len(epochs) == 2 and all(float(r["attnreg/explained"]) == 6 for r in epochs)
     assert all(0 <= float(r["attnreg/lfdr/sparsity"]) <= 1 for r in epochs)
-    # CSV logger: pictures as PNG under the log dir, one per logged image per epoch
+    shares = [float(r[k]) for r in epochs for k in r if k.endswith(("_mass", "_kept")) and r[k]]
+    assert shares and all(0 <= v <= 1 for v in shares)
+    # CSV logger: pictures as PNG under the log dir, named by global step (8 batches an epoch) and stage
     pngs = sorted((Path(logger.log_dir) / "attnreg").glob("*.png"))
-    assert [p.name for p in pngs] == [f"epoch{e:03d}_image{i}.png" for e in range(2) for i in range(2)]
+    want = [f"step{8 * (e + 1):07d}_epoch{e}_image{i}.png" for e in range(2) for i in range(2)]
+    assert [p.name for p in pngs] == want
     assert cb.explained_total == 12
 
 
@@ -96,6 +107,28 @@ def test_every_n_epochs_and_sanity_check_skip(tmp_path):
     epochs = [int(r["epoch"]) for r in _read_csv(logger) if r.get("attnreg/explained")]
     assert epochs == [0, 2]
     assert cb.explained_total == 8
+
+
+@pytest.mark.parametrize(
+    ("trainer_kw", "every", "explained_at"),
+    [
+        # validation runs after epochs 1, 3, 5: the first and every 2nd run after it are explained
+        ({"check_val_every_n_epoch": 2, "max_epochs": 6}, 2, [1, 5]),
+        # two validation runs an epoch: every 2nd run is the first of each epoch
+        ({"val_check_interval": 0.5, "max_epochs": 2}, 2, [0, 1]),
+        ({"val_check_interval": 0.5, "max_epochs": 2}, 1, [0, 0, 1, 1]),
+    ],
+)
+def test_every_n_epochs_counts_validation_runs(tmp_path, trainer_kw, every, explained_at):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=2, every_n_epochs=every, log_images=1)
+    _trainer(tmp_path, [cb], logger, limit_train_batches=2, limit_val_batches=1, **trainer_kw).fit(
+        tiny_module(), tiny_data()
+    )
+    epochs = [int(r["epoch"]) for r in _read_csv(logger) if r.get("attnreg/explained")]
+    assert epochs == explained_at
+    # pictures of every explained run survive: named by global step, none overwritten
+    assert len(list((Path(logger.log_dir) / "attnreg").glob("*.png"))) == len(explained_at)
 
 
 def test_state_round_trips_through_a_checkpoint(tmp_path):
@@ -144,12 +177,43 @@ def test_degenerate_images_are_skipped_and_counted(tmp_path):
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=1)
     with pytest.warns(UserWarning, match="degenerate"):
         _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), MappedVal(spoil))
-    rows = [r for r in _read_csv(logger) if r.get("attnreg/skipped")]
-    assert float(rows[-1]["attnreg/skipped"]) == 2 and float(rows[-1]["attnreg/explained"]) == 8
+    rows = [r for r in _read_csv(logger) if r.get("attnreg/explained")]
+    assert float(rows[-1]["attnreg/skipped_degenerate"]) == 2 and float(rows[-1]["attnreg/explained"]) == 6
+    assert float(rows[-1]["attnreg/skipped_error"]) == 0
 
     raising = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, on_error="raise")
     with pytest.raises(ValueError, match="degenerate"):
         _trainer(tmp_path, [raising], False, max_epochs=1, limit_train_batches=1).fit(tiny_module(), MappedVal(spoil))
+
+
+def test_engine_errors_are_reported_apart_with_their_message(tmp_path):
+    def crop(batch):  # 44 px: not divisible by the 8-px patches, so the engine raises
+        return BatchView(batch[0][..., :44, :44])
+
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, batch_to_images=crop)
+    with pytest.warns(UserWarning, match="could not explain 8 image.*not divisible by the patch size"):
+        _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), tiny_data())
+    row = [r for r in _read_csv(logger) if r.get("attnreg/explained")][-1]
+    assert float(row["attnreg/skipped_error"]) == 8
+    assert float(row["attnreg/explained"]) == 0 and float(row["attnreg/skipped_degenerate"]) == 0
+
+
+def test_two_callbacks_in_one_fit_keep_their_keys_and_states_apart(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    normal = AttentionRegularizationCallback(n_bootstrap=2, num_images=2, log_images=1)
+    pixel = AttentionRegularizationCallback(n_bootstrap=2, num_images=3, log_images=1, method="pixel", name="px")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [normal, pixel, ckpt], logger, max_epochs=1, limit_train_batches=1).fit(
+        tiny_module(), tiny_data()
+    )
+    row = [r for r in _read_csv(logger) if r.get("attnreg/explained")][-1]
+    assert float(row["attnreg/explained"]) == 2 and float(row["px/explained"]) == 3
+    assert row["attnreg/lfdr/sparsity"] and row["px/lfdr/sparsity"]
+    assert list((Path(logger.log_dir) / "px").glob("*.png"))
+    states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    ours = {k: v for k, v in states.items() if "AttentionRegularizationCallback" in k}
+    assert sorted(v["config"]["method"] for v in ours.values()) == ["normal", "pixel"]
 
 
 def test_tensorboard_gets_images_and_histograms(tmp_path):
@@ -190,8 +254,21 @@ def test_unknown_logger_gets_scalars_and_one_warning(tmp_path):
 def test_batch_readers():
     x = torch.zeros(2, 3, 8, 8)
     assert default_batch_to_images(x).images is x
-    v = default_batch_to_images((x, torch.ones(2), torch.ones(2, 8, 8), torch.tensor([5, 6])))
-    assert v.masks.shape == (2, 8, 8) and v.ids.tolist() == [5, 6] and v.noise_masks is None
+    y, mask, noise, ids = torch.tensor([0, 1]), torch.ones(2, 8, 8), torch.zeros(2, 8, 8), torch.tensor([5, 6])
+    assert default_batch_to_images([x, y]).masks is None
+    v = default_batch_to_images((x, y, mask, ids))
+    assert v.masks is mask and v.ids is ids and v.noise_masks is None
+    v = default_batch_to_images((x, y, ids))  # (x, y, id): the ids are recognised, not read as masks
+    assert v.ids is ids and v.masks is None
+    v = default_batch_to_images([x, y, mask, ids, noise])
+    assert v.images is x and v.masks is mask and v.ids is ids and v.noise_masks is noise
+    v = default_batch_to_images((x, y, mask))
+    assert v.masks is mask and v.ids is None
+    for key in ("image", "images", "x"):
+        for mkey in ("mask", "masks"):
+            for ikey in ("id", "ids", "sample_id"):
+                d = default_batch_to_images({key: x, mkey: mask, ikey: ids, "noise_mask": noise})
+                assert d.images is x and d.masks is mask and d.ids is ids and d.noise_masks is noise
     d = default_batch_to_images({"image": x, "mask": torch.ones(2, 8, 8), "id": [1, 2]})
     assert d.masks is not None and d.ids == [1, 2]
     with pytest.raises(ValueError, match="image"):
@@ -215,6 +292,9 @@ def test_config_errors_name_the_key():
         AttnRegConfig(on_error="ignore")
     with pytest.raises(TypeError):
         AttnRegConfig(n_bootstraps=3)
+    with pytest.raises(ValueError, match=r"attnreg\.name"):
+        AttnRegConfig(name="a/b")
+    assert AttnRegConfig(maps="lfdr").maps == ["lfdr"]  # one name, not its letters
 
 
 def test_batches_without_masks_log_no_roi_metrics_and_no_warning(tmp_path):

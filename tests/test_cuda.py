@@ -23,7 +23,9 @@ def test_statistics_on_cuda_equal_the_cpu(kind, b, n, t, seed):
     obs, null = (torch.from_numpy(a) for a in make_case(kind, b, n, t, seed))
     cpu = significance(obs, null)
     gpu = significance(obs.cuda(), null.cuda())
-    np.testing.assert_allclose(gpu.z.cpu(), cpu.z, rtol=0, atol=1e-12)
+    # the device sums log attention in another order: z agrees to rounding, amplified by |mean| / sd where
+    # the null is nearly constant (the "uniform" case: 5e-11 relative measured on an H200)
+    np.testing.assert_allclose(gpu.z.cpu(), cpu.z, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gpu.p.cpu(), cpu.p, rtol=0, atol=0)
     torch.testing.assert_close(gpu.pi0.cpu(), cpu.pi0, rtol=0, atol=0)
     np.testing.assert_allclose(gpu.lfdr.cpu(), cpu.lfdr, rtol=0, atol=1e-6)

@@ -104,3 +104,22 @@ def test_linear_probe_trains_only_the_head():
     module = ViTClassifier(model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}, freeze_backbone=True)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"vit.head.weight", "vit.head.bias"}
+
+
+def test_image_folder_uses_the_masks_that_exist(tmp_path):
+    import pytest
+    import torch
+
+    from attnreg_lightning.metrics import token_mask
+
+    root = write_image_tree(tmp_path)
+    (root / "masks" / "val" / "dog" / "img1.png").unlink()
+    dm = ImageFolderDataModule(str(root), num_classes=2, model_name="vit_tiny_patch16_224", image_size=32, batch_size=6)
+    with pytest.warns(UserWarning, match="1 of 6 images .* have no mask"):
+        dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    unknown = batch["mask"].flatten(1).isnan().all(1)
+    assert unknown.tolist() == [False, False, False, False, True, False]  # dog/img1, fifth in sorted order
+    tokens = token_mask(batch["mask"], (4, 4))
+    assert not tokens[unknown].any() and tokens[~unknown].any(1).all()
+    assert torch.equal(batch["mask"][0], batch["mask"][1])  # the others: the object's square, as on disk

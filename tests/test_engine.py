@@ -141,3 +141,9 @@ def test_bad_knobs_are_named(vit, kwargs, name):
 def test_non_vit_rejected():
     with pytest.raises(TypeError, match="Conv2d"):
         AttentionRegularizer(torch.nn.Conv2d(3, 3, 3))
+
+
+def test_patch_nulls_whose_tiles_cannot_tile_the_images_are_refused_at_construction(vit):
+    with pytest.raises(ValueError, match="patch_size=5.*32x32"):
+        AttentionRegularizer(vit, method="patch", method_options={"patch_size": 5})
+    AttentionRegularizer(vit, method="patch", method_options={"patch_size": 4})  # divides 32: fine

@@ -92,3 +92,24 @@ def history_rows(path: str | Path) -> list[dict]:
                 row[key] = json.loads(item.value_json)
             rows.append(row)
     return rows
+
+
+def run_info(path: str | Path) -> dict:
+    """The run's display name, group, exit code and config (every config update merged, values decoded)."""
+    info: dict = {"name": None, "group": None, "exit_code": None, "config": {}}
+
+    def merge(update) -> None:
+        for item in update:
+            key = item.key or "/".join(item.nested_key)
+            info["config"][key] = json.loads(item.value_json)
+
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            info["name"], info["group"] = record.run.display_name, record.run.run_group
+            merge(record.run.config.update)
+        elif kind == "config":
+            merge(record.config.update)
+        elif kind == "exit":
+            info["exit_code"] = record.exit.exit_code
+    return info

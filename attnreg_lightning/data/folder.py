@@ -4,11 +4,13 @@
     root/masks/val/<class>/<name>.png         (optional: object masks, non-zero = object)
 
 Resize and normalization come from the timm model's pretrained config. Items are dicts with ``image``,
-``label``, ``id`` and, where a mask file exists for every image of the split, ``mask``.
+``label``, ``id`` and, where the split has mask files, ``mask`` (all NaN for an image without a mask file: its
+region metrics are left out; a warning counts such images).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -42,8 +44,15 @@ class MaskedImageFolder(Dataset):
         self.mask_paths = None
         if mask_root is not None and mask_root.is_dir():
             paths = [mask_root / Path(p).relative_to(root).with_suffix(".png") for p, _ in self.folder.samples]
-            if all(p.is_file() for p in paths):
-                self.mask_paths = paths
+            missing = sum(not p.is_file() for p in paths)
+            if missing < len(paths):
+                self.mask_paths = [p if p.is_file() else None for p in paths]
+            if 0 < missing < len(paths):
+                warnings.warn(
+                    f"{missing} of {len(paths)} images under {root} have no mask in {mask_root}: their region "
+                    "metrics are left out (the masks that exist are used)",
+                    stacklevel=2,
+                )
         self.mask_transform = transforms.Compose(
             [
                 transforms.Resize(image_size, interpolation=transforms.InterpolationMode.NEAREST),
@@ -63,8 +72,12 @@ class MaskedImageFolder(Dataset):
         image, label = self.folder[index]
         item = {"image": image, "label": label, "id": self.id_offset + index}
         if self.mask_paths is not None:
-            mask = self.mask_transform(Image.open(self.mask_paths[index]).convert("L"))[0]
-            item["mask"] = (mask > 0).to(torch.float32)
+            path = self.mask_paths[index]
+            if path is None:  # unknown, not empty: NaN covers no token, so the image has no region to score
+                item["mask"] = torch.full((self.image_size, self.image_size), float("nan"))
+            else:
+                mask = self.mask_transform(Image.open(path).convert("L"))[0]
+                item["mask"] = (mask > 0).to(torch.float32)
         return item
 
 
