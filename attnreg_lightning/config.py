@@ -105,7 +105,6 @@ class AttnRegConfig:
             self.patch_size,
             "need null or an int >= 1",
         )
-
         _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             "name",

@@ -88,7 +88,8 @@ class AttentionRegularizer:
         get_null_generator(method)
         require_positive_int(n_bootstrap, "n_bootstrap")
         require_positive_int(max_images_per_forward, "max_images_per_forward")
-        check_model(resolve_vit(model))
+        vit = resolve_vit(model)
+        check_model(vit)
         self.model = model
         self.method = method
         self.n_bootstrap = n_bootstrap
@@ -99,10 +100,10 @@ class AttentionRegularizer:
         self.pi0 = pi0
         self.method_options = dict(method_options or {})
         if method == "patch" and "patch_size" not in self.method_options:
-            grid_patch = getattr(getattr(resolve_vit(model), "patch_embed", None), "patch_size", None)
+            grid_patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
             if grid_patch is not None:
                 self.method_options["patch_size"] = grid_patch if isinstance(grid_patch, int) else int(grid_patch[0])
-        _check_tiles(resolve_vit(model), self.method_options.get("patch_size") if method == "patch" else None)
+        _check_tiles(vit, self.method_options.get("patch_size") if method == "patch" else None)
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
 

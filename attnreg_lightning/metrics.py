@@ -176,18 +176,17 @@ class RegionShares(Metric):
         self.add_state("seen", torch.zeros(len(self.REGIONS), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, reg: RegularizedAttention, roi: Tensor | None = None, noise: Tensor | None = None) -> None:
-        valid = reg.significance.valid
+        # every map at once, [M, B, T]: one pass per region, not one per map and region
+        stacked = torch.stack([reg.attention, *(reg.maps[m] for m in self.maps[1:])]).clamp_min(0).to(torch.float64)
         for j, region in enumerate((roi, noise)):
             if region is None:
                 continue
             # an image without region tokens (no mask, or an object under half a token) has nothing to share
-            rows = valid & region.any(1)
-            region = region[rows].to(torch.float64)
-            self.seen[j] += region.shape[0]
-            for i, m in enumerate(self.maps):
-                values = (reg.attention if m == "raw" else reg.maps[m])[rows].clamp_min(0).to(torch.float64)
-                self.on_region[i, j] += (values * region).sum()
-                self.total[i, j] += values.sum()
+            rows = reg.significance.valid & region.any(1)
+            values = stacked[:, rows]
+            self.seen[j] += values.shape[1]
+            self.on_region[:, j] += (values * region[rows]).sum((1, 2))
+            self.total[:, j] += values.sum((1, 2))
 
     def compute(self) -> dict[str, Tensor]:
         out = {}

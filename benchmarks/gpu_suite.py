@@ -40,11 +40,6 @@ def emit(section: str, **row) -> None:
     print(json.dumps({"section": section, **row}), flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_command(section: str, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> str:
     """Run ``cmd`` from the repository root; emit its exit code and wall time; return its output."""
     start = time.perf_counter()
@@ -99,6 +94,7 @@ def section_engine(device: torch.device, quick: bool) -> None:
 
 def section_stats_share(device: torch.device, quick: bool) -> None:
     import timm
+    from bench_engine import timed
 
     from attnreg_lightning import AttentionRegularizer
     from attnreg_lightning.stats import significance
@@ -110,20 +106,13 @@ def section_stats_share(device: torch.device, quick: bool) -> None:
     engine = AttentionRegularizer(model, n_bootstrap=n, autocast_dtype=dtype)
     ids = list(range(batch))
 
-    def timed(fn) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
     obs, null = engine.observe(images, ids)
     engine(images, ids)  # warm-up
     full, forwards, stats = [], [], []
     for _ in range(rounds):  # interleaved: drift hits all three alike
-        full.append(timed(lambda: engine(images, ids)))
-        forwards.append(timed(lambda: engine.observe(images, ids)))
-        stats.append(timed(lambda: significance(obs, null)))
+        full.append(timed(lambda: engine(images, ids), device))
+        forwards.append(timed(lambda: engine.observe(images, ids), device))
+        stats.append(timed(lambda: significance(obs, null), device))
     full_s, fwd_s, stats_s = (statistics.median(t) for t in (full, forwards, stats))
     emit(
         "stats_share", size=size, N=n, B=batch, rounds=rounds, engine_ms=round(full_s * 1e3, 2),
