@@ -273,7 +273,7 @@ class AttentionRegularizationCallback(Callback):
         if trainer.is_global_zero and self._rows:
             z_obs = torch.cat([z.flatten() for z, _ in self._z])
             z_null = torch.cat([z0.flatten() for _, z0 in self._z])
-            stage = f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else str(trainer.state.fn)
+            stage = f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
             unknown = log_pictures(trainer.loggers, self._rows, z_obs, z_null, trainer.global_step, stage, self.prefix)
             if unknown and not self._warned_loggers:
                 warn_unknown(unknown)

@@ -309,3 +309,14 @@ def test_batches_without_masks_log_no_roi_metrics_and_no_warning(tmp_path):
     logged = {k for r in _read_csv(logger) for k, v in r.items() if v}
     assert "attnreg/lfdr/sparsity" in logged and "attnreg/null_srmsd" in logged
     assert not {k for k in logged if "roi" in k or "noise" in k}
+
+
+def test_validate_after_fit_is_labelled_validate_not_a_phantom_epoch(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=2, log_images=1)
+    trainer = _trainer(tmp_path, [cb], logger, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    module, data = tiny_module(), tiny_data()
+    trainer.fit(module, data)
+    trainer.validate(module, data, verbose=False)
+    names = sorted(p.name for p in (Path(logger.log_dir) / "attnreg").glob("*.png"))
+    assert names == ["step0000001_epoch0_image0.png", "step0000001_validate_image0.png"]
