@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from attnreg_lightning.data.shapes import ShapesDataModule
 from attnreg_lightning.models import ViTClassifier
 
@@ -9,8 +12,6 @@ IMAGE_SIZE = 48
 
 
 def tiny_module(seed_weights: int = 0, **kwargs) -> ViTClassifier:
-    import torch
-
     torch.manual_seed(seed_weights)
     model_kwargs = {"img_size": IMAGE_SIZE, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
     return ViTClassifier("vit_tiny_patch16_224", num_classes=4, model_kwargs=model_kwargs, **kwargs)
@@ -20,3 +21,14 @@ def tiny_data(train_size: int = 64, val_size: int = 24, batch_size: int = 8, **k
     return ShapesDataModule(
         train_size=train_size, val_size=val_size, batch_size=batch_size, image_size=IMAGE_SIZE, **kwargs
     )
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random biases and norm parameters: fresh timm models have zero biases and identity norms, under which a
+    read-out that takes a bias from the wrong slice, swaps q-norm and k-norm or skips a norm still agrees."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from attnreg_lightning.attention import cls_attention, token_grid
+from tests.helpers import perturb
 
 
 def unfused_reference(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -30,13 +31,15 @@ MODELS = [
     ("deit_tiny_distilled_patch16_224", {}, (224, 224), 2),
     ("vit_tiny_patch16_224", {"reg_tokens": 4, "img_size": 64, "patch_size": 8}, (64, 64), 5),
     ("vit_tiny_patch16_224", {"qk_norm": True, "img_size": 64}, (64, 64), 1),
+    ("vit_tiny_patch16_224", {"pre_norm": True, "img_size": 64}, (64, 64), 1),  # CLIP-style norm_pre
+    ("vit_tiny_patch16_224", {"qkv_bias": False, "img_size": 64}, (64, 64), 1),
 ]
 
 
 @pytest.mark.parametrize(("name", "kwargs", "size", "prefix"), MODELS)
 def test_matches_unfused_attention(name, kwargs, size, prefix):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = perturb(timm.create_model(name, pretrained=False, **kwargs)).eval()
     assert model.num_prefix_tokens == prefix
     x = _images(2, *size)
     with torch.no_grad():
@@ -53,7 +56,7 @@ def test_matches_unfused_attention(name, kwargs, size, prefix):
 @pytest.mark.parametrize("size", [(64, 96), (128, 128)])
 def test_dynamic_img_size_non_square(size):
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True).eval()
+    model = perturb(timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True)).eval()
     x = _images(2, *size)
     with torch.no_grad():
         got = cls_attention(model, x, heads="all")

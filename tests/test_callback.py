@@ -3,6 +3,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.callback import BatchView, default_batch_to_images
 from attnreg_lightning.metrics import score_keys
-from tests.helpers import tiny_data, tiny_module
+from tests.helpers import perturb, tiny_data, tiny_module
+from tests.oracle import oracle_image, oracle_maps
 
 MAPS = ["p", "lfdr", "pi0", "posterior"]
 
@@ -320,3 +322,78 @@ def test_validate_after_fit_is_labelled_validate_not_a_phantom_epoch(tmp_path):
     trainer.validate(module, data, verbose=False)
     names = sorted(p.name for p in (Path(logger.log_dir) / "attnreg").glob("*.png"))
     assert names == ["step0000001_epoch0_image0.png", "step0000001_validate_image0.png"]
+
+
+def _np_gini(x):
+    a = np.sort(np.abs(x) + 1e-7)
+    n = a.size
+    return float(((2 * np.arange(1, n + 1) - n - 1) * a).sum() / (n * a.sum()))
+
+
+def _np_entropy(x):
+    p = x / x.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def test_logged_values_of_one_batch_match_an_independent_numpy_recomputation(tmp_path):
+    module = tiny_module()
+    perturb(module.vit, 3)
+    with torch.no_grad():  # sharper attention than a fresh model's near-uniform one
+        for block in module.vit.blocks:
+            block.attn.qkv.weight.mul_(4)
+    data = tiny_data()
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    cb = AttentionRegularizationCallback(n_bootstrap=5, num_images=8, maps=MAPS, log_images=0, lfdr_th=0.4, p_th=0.15)
+    trainer = _trainer(tmp_path, [cb], logger=False)
+    (logged,) = trainer.validate(module, DataLoader([batch], batch_size=None))
+
+    # the same images and nulls, the statistics from the oracle, every metric from its written definition
+    images, _, masks, ids = batch
+    obs, null = cb.engine.observe(images, ids.tolist())
+    obs, null = obs.double().numpy(), null.double().numpy()
+    roi = torch.nn.functional.avg_pool2d(masks[:, None], 8)[:, 0].flatten(1).numpy() >= 0.5
+    per_image = {
+        k: []
+        for k in (
+            "pi0",
+            "discoveries",
+            "raw/gini",
+            "lfdr/sparsity",
+            "lfdr/gini",
+            "lfdr/entropy",
+            "lfdr/retained_mass",
+            "p/roi_recall",
+            "pi0/sparsity",
+        )
+    }
+    on_roi = {"raw": 0.0, "lfdr": 0.0}
+    total = {"raw": 0.0, "lfdr": 0.0}
+    for i in range(8):
+        st = oracle_image(obs[i], null[i])
+        maps = oracle_maps(obs[i], st, lfdr_th=0.4, p_th=0.15)
+        per_image["pi0"].append(st["pi0"])
+        per_image["discoveries"].append(np.mean(st["lfdr"] <= 0.4))
+        per_image["raw/gini"].append(_np_gini(obs[i]))
+        per_image["lfdr/sparsity"].append(np.mean(maps["lfdr"] == 0))
+        per_image["lfdr/gini"].append(_np_gini(maps["lfdr"]))
+        if maps["lfdr"].sum() > 0:
+            per_image["lfdr/entropy"].append(_np_entropy(maps["lfdr"]))
+        per_image["lfdr/retained_mass"].append(maps["lfdr"].sum() / obs[i].sum())
+        per_image["p/roi_recall"].append(((maps["p"] > 0) & roi[i]).sum() / roi[i].sum())
+        per_image["pi0/sparsity"].append(np.mean(maps["pi0"] == 0))
+        for name, m in (("raw", obs[i]), ("lfdr", maps["lfdr"])):
+            on_roi[name] += m[roi[i]].sum()
+            total[name] += m.sum()
+    assert 0 < np.mean(per_image["discoveries"]) < 1 and len(per_image["lfdr/entropy"]) > 0
+    for key, values in per_image.items():
+        assert logged[f"attnreg/{key}"] == pytest.approx(np.mean(values), rel=1e-5, abs=1e-6), key
+    expected = {
+        "raw/roi_mass": on_roi["raw"] / total["raw"],
+        "lfdr/roi_mass": on_roi["lfdr"] / total["lfdr"],
+        "lfdr/roi_kept": on_roi["lfdr"] / on_roi["raw"],
+    }
+    for key, value in expected.items():
+        assert logged[f"attnreg/{key}"] == pytest.approx(value, rel=1e-5), key
+    assert logged["attnreg/explained"] == 8

@@ -68,6 +68,29 @@ def test_matches_numpy_statsmodels_oracle(kind, b, n, t, seed, pi0):
                 np.testing.assert_allclose(reg.maps[name][i].numpy(), maps[name], rtol=0, atol=1e-15)
 
 
+OFF_DEFAULT = {"z_th": 0.5, "p_th": 0.2, "lfdr_th": 0.15, "q_th": 0.05}
+
+
+@pytest.mark.parametrize(("kind", "b", "n", "t", "seed"), CASES)
+def test_maps_read_their_own_thresholds(kind, b, n, t, seed):
+    """At the defaults p_th == lfdr_th: only distinct thresholds tell a map reading the wrong one."""
+    obs, null = make_case(kind, b, n, t, seed)
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    reg = regularize(torch.from_numpy(obs), sig, **OFF_DEFAULT)
+    assert reg.thresholds.lfdr_th == 0.15 and reg.thresholds.q_th == 0.05
+    for i in range(b):
+        ref = oracle_image(obs[i], null[i])
+        maps = oracle_maps(obs[i], ref, **OFF_DEFAULT)
+        # a token whose lfdr lies within the fit's 1e-4 of its threshold may flip
+        close = np.abs(ref["lfdr"] - OFF_DEFAULT["lfdr_th"]) > 1e-4
+        for name in MAP_NAMES:
+            got, want = reg.maps[name][i].numpy(), maps[name]
+            if name in ("lfdr", "posterior"):
+                np.testing.assert_allclose(got[close], want[close], rtol=0, atol=1e-4 * obs[i].max())
+            else:
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-15, err_msg=name)
+
+
 def test_float32_input_matches_float64():
     obs, null = make_case("heavy", 4, 10, 196, 7)
     s64 = significance(torch.from_numpy(obs), torch.from_numpy(null))
