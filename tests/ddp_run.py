@@ -1,7 +1,10 @@
 """Validate a tiny ViT with the callback on 1 or 2 CPU processes (DDP, gloo); rank 0 writes the metrics.
 
 Run as a script (Lightning's DDP launcher re-executes it for each rank):
-    python tests/ddp_run.py OUT.json --devices 2 [--uneven]
+    python tests/ddp_run.py OUT.json --devices 2 [--uneven] [--first N] [--no-ids] [--log-images K]
+
+Each rank also writes ``OUT.rank<r>.json``: the sample ids its engine was called with, the z-scores of
+each image's first null image and the captions of the pictures it sent to a logger.
 """
 
 import argparse
@@ -12,26 +15,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
+import attnreg_lightning.callback as callback_module  # noqa: E402
 from attnreg_lightning import AttentionRegularizationCallback  # noqa: E402
+from attnreg_lightning.callback import default_batch_to_images  # noqa: E402
 from tests.helpers import tiny_data, tiny_module  # noqa: E402
 
 
-class UnevenVal(L.LightningDataModule):
-    """Rank r validates on 4 * (3 - 2 r) images: ranks see different numbers of batches."""
+class Val(L.LightningDataModule):
+    """The tiny validation set; ``uneven``: rank r validates on 4 * (3 - 2 r) images (rank 0 images 0-11,
+    rank 1 images 12-15), so ranks see different numbers of batches; ``first``: only the first images."""
 
-    def __init__(self):
+    def __init__(self, uneven: bool, first: int | None):
         super().__init__()
         self.inner = tiny_data(val_size=24, batch_size=4)
+        self.uneven, self.first = uneven, first
 
     def setup(self, stage=None):
         self.inner.setup(stage)
 
     def val_dataloader(self):
-        rank = self.trainer.global_rank
-        start, count = (0, 12) if rank == 0 else (12, 4)
-        return DataLoader(Subset(self.inner.val_set, range(start, start + count)), batch_size=4)
+        if self.uneven:
+            start, count = (0, 12) if self.trainer.global_rank == 0 else (12, 4)
+            return DataLoader(Subset(self.inner.val_set, range(start, start + count)), batch_size=4)
+        return DataLoader(Subset(self.inner.val_set, range(self.first or 24)), batch_size=4)
+
+
+class Recording(AttentionRegularizationCallback):
+    """The callback, with a record of what its engine was asked and gave."""
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        engine, self.record = self.engine, {"ids": [], "first_nulls": [], "pictures": []}
+
+        def explain(images, sample_ids=None):
+            reg = engine(images, sample_ids=sample_ids)
+            self.record["ids"] += list(sample_ids)
+            self.record["first_nulls"] += reg.significance.z_null[:, 0].tolist()
+            return reg
+
+        self.engine = explain
 
 
 def main():
@@ -39,21 +64,42 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--uneven", action="store_true")
+    ap.add_argument("--first", type=int)
+    ap.add_argument("--no-ids", action="store_true", help="batches carry no sample ids; ranks see the same images")
+    ap.add_argument("--log-images", type=int, default=0)
     args = ap.parse_args()
     L.seed_everything(0)
-    callback = AttentionRegularizationCallback(n_bootstrap=3, num_images=100, log_images=0)
+
+    def without_ids(batch):
+        view = default_batch_to_images(batch)
+        view.ids = None
+        return view
+
+    callback = Recording(
+        n_bootstrap=3,
+        num_images=100,
+        log_images=args.log_images,
+        batch_to_images=without_ids if args.no_ids else None,
+    )
+    real_log_pictures = callback_module.log_pictures
+
+    def log_pictures(loggers, rows, *rest, **kw):
+        callback.record["pictures"] += [r.caption for r in rows]
+        return real_log_pictures(loggers, rows, *rest, **kw)
+
+    callback_module.log_pictures = log_pictures
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         callbacks=[callback],
-        logger=False,
+        logger=CSVLogger(".", name="csv") if args.log_images else False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        use_distributed_sampler=not args.uneven,
+        use_distributed_sampler=not (args.uneven or args.no_ids),
     )
-    data = UnevenVal() if args.uneven else tiny_data(val_size=24, batch_size=4)
-    (metrics,) = trainer.validate(tiny_module(), data)
+    (metrics,) = trainer.validate(tiny_module(), Val(args.uneven, args.first))
+    Path(f"{args.out}.rank{trainer.global_rank}.json").write_text(json.dumps(callback.record))
     if trainer.is_global_zero:
         Path(args.out).write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
 

@@ -81,18 +81,37 @@ def test_trainer_options_compose(option):
         assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "cpu", 2)
 
 
+LOGGER_TARGETS = {
+    "wandb": "lightning.pytorch.loggers.WandbLogger",
+    "tensorboard": "lightning.pytorch.loggers.TensorBoardLogger",
+    "csv": "lightning.pytorch.loggers.CSVLogger",
+}
+
+
 @pytest.mark.parametrize("option", _options("logger"))
-def test_logger_options_compose(option):
+def test_logger_options_build_what_they_name(option):
     cfg = _compose(f"logger={option}", return_hydra_config=True)
-    if option == "wandb":
-        assert cfg.logger.offline is True
     if option == "none":
         assert not cfg.logger
+        return
+    assert cfg.logger._target_ == LOGGER_TARGETS[option]
+    # everything of a run lands in its output folder
+    assert OmegaConf.to_container(cfg.logger)["save_dir"].startswith("${paths.output_dir}")
+    if option == "wandb":
+        assert cfg.logger.offline is True
 
 
-@pytest.mark.parametrize("option", _options("experiment"))
-def test_experiment_options_compose(option):
-    _compose(f"experiment={option}")
+def test_linear_probe_is_the_papers_protocol():
+    cfg = _compose("experiment=linear_probe")
+    assert cfg.model.freeze_backbone is True
+    assert cfg.model.model_name == _compose("model=vit_small_dino").model.model_name
+    assert cfg.attnreg == _compose("attnreg=paper").attnreg
+    assert cfg.trainer.max_epochs == 10
+
+
+def test_no_noise_removes_the_noise_squares():
+    assert _compose().data.noise_squares > 0
+    assert _compose("experiment=no_noise").data.noise_squares == 0
 
 
 @pytest.mark.parametrize("option", _options("hparams_search"))

@@ -6,12 +6,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.callback import BatchView, default_batch_to_images
+from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.metrics import score_keys
 from tests.helpers import perturb, tiny_data, tiny_module
 from tests.oracle import oracle_image, oracle_maps
@@ -146,26 +147,6 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
         tiny_module(), tiny_data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     assert resumed.explained_total == 8
-
-
-def test_resumed_run_explains_the_same_images_with_the_same_nulls():
-    module = tiny_module().eval()
-    batch = next(iter(_val_loader()))
-    a = AttentionRegularizationCallback(n_bootstrap=3, seed=5)
-    a.setup(None, module, "validate")
-    b = AttentionRegularizationCallback(n_bootstrap=3, seed=0)
-    b.setup(None, module, "validate")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        b.load_state_dict(a.state_dict())
-    x, ids = batch[0][:3], batch[3][:3]
-    torch.testing.assert_close(a.engine(x, ids).significance.z_null, b.engine(x, ids).significance.z_null)
-
-
-def _val_loader():
-    dm = tiny_data()
-    dm.setup()
-    return dm.val_dataloader()
 
 
 def test_degenerate_images_are_skipped_and_counted(tmp_path):
@@ -397,3 +378,68 @@ def test_logged_values_of_one_batch_match_an_independent_numpy_recomputation(tmp
     for key, value in expected.items():
         assert logged[f"attnreg/{key}"] == pytest.approx(value, rel=1e-5), key
     assert logged["attnreg/explained"] == 8
+
+
+class _RecordMaps(AttentionRegularizationCallback):
+    """The callback, keeping every result its engine gives, by epoch (wrapped at each validation run, after
+    a checkpoint's state may have rebuilt the engine)."""
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.seen = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        super().on_validation_epoch_start(trainer, pl_module)
+        engine = self.engine
+        if not isinstance(engine, AttentionRegularizer):
+            return
+
+        def explain(images, sample_ids=None):
+            reg = engine(images, sample_ids=sample_ids)
+            self.seen.setdefault(trainer.current_epoch, []).append((list(sample_ids), reg))
+            return reg
+
+        self.engine = explain
+        self.engine.model = engine.model
+
+
+class _InOrder(L.LightningDataModule):
+    """The tiny shapes data, trained in a fixed order: a resumed fit then trains exactly as an uninterrupted one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_data()
+
+    def setup(self, stage=None):
+        self.inner.setup(stage)
+
+    def train_dataloader(self):
+        return DataLoader(self.inner.train_set, self.inner.batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return self.inner.val_dataloader()
+
+
+def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
+    def run(root, ckpt_path=None, seed=3, interrupt=False):
+        L.seed_everything(0)
+        cb = _RecordMaps(n_bootstrap=3, num_images=8, every_n_epochs=2, seed=seed, log_images=0)
+        callbacks = [cb, ModelCheckpoint(dirpath=root, save_last=True)]
+        if interrupt:  # stopped after one epoch of a 3-epoch fit: the learning-rate schedule is the same
+            callbacks.append(
+                LambdaCallback(on_train_epoch_end=lambda trainer, _: setattr(trainer, "should_stop", True))
+            )
+        _trainer(root, callbacks, False, max_epochs=3).fit(tiny_module(), _InOrder(), ckpt_path=ckpt_path)
+        return cb
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "first", interrupt=True)
+    with pytest.warns(UserWarning, match="checkpoint's seed 3"):  # a different seed given: the checkpoint's wins
+        resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "first" / "last.ckpt", seed=0)
+    # explained at runs 1 and 3 (every 2nd): the resumed run counted the first run's validation
+    assert sorted(whole.seen) == [0, 2] and sorted(resumed.seen) == [2]
+    for (ids_a, a), (ids_b, b) in zip(whole.seen[2], resumed.seen[2], strict=True):
+        assert ids_a == ids_b
+        assert torch.equal(b.attention, a.attention)  # trained alike
+        assert torch.equal(b.significance.z_null, a.significance.z_null)
+        assert all(torch.equal(b.maps[name], a.maps[name]) for name in a.maps)

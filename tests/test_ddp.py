@@ -29,21 +29,47 @@ def _run(tmp_path: Path, name: str, *args: str, stderr: list | None = None) -> d
     return json.loads(out.read_text())
 
 
+def _record(tmp_path: Path, name: str, rank: int) -> dict | None:
+    path = tmp_path / f"{name}.json.rank{rank}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _assert_same_metrics(a: dict, b: dict) -> None:
+    keys = {k for k in a if k.startswith("attnreg/")}
+    assert {"attnreg/lfdr/sparsity", "attnreg/pi0", "attnreg/null_srmsd", "attnreg/topk/roi_f1"} <= keys
+    assert keys == {k for k in b if k.startswith("attnreg/")}
+    for key in keys:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
 def test_ddp_reports_what_one_process_reports(tmp_path):
     single = _run(tmp_path, "single", "--devices", "1")
     printed = []
     ddp = _run(tmp_path, "ddp", "--devices", "2", stderr=printed)
     # values already reduced by torchmetrics: Lightning has nothing to warn about (it did, once per key)
     assert "sync_dist=True" not in printed[0]
-    keys = {k for k in single if k.startswith("attnreg/")}
-    assert {"attnreg/lfdr/sparsity", "attnreg/pi0", "attnreg/null_srmsd", "attnreg/topk/roi_f1"} <= keys
-    assert keys == {k for k in ddp if k.startswith("attnreg/")}
     assert ddp["attnreg/explained"] == single["attnreg/explained"] == 24
-    for key in keys:
-        assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+    _assert_same_metrics(ddp, single)
 
 
-def test_ddp_finishes_when_ranks_see_different_numbers_of_batches(tmp_path):
-    uneven = _run(tmp_path, "uneven", "--devices", "2", "--uneven")
+def test_uneven_ranks_report_what_one_process_over_their_images_reports_and_rank_zero_draws(tmp_path):
+    uneven = _run(tmp_path, "uneven", "--devices", "2", "--uneven", "--log-images", "2")
     assert uneven["attnreg/explained"] == 16  # 12 on rank 0 + 4 on rank 1
-    assert 0 <= uneven["attnreg/lfdr/sparsity"] <= 1
+    (tmp_path / "single").mkdir()
+    single = _run(tmp_path / "single", "single", "--first", "16")
+    _assert_same_metrics(uneven, single)
+    ranks = [_record(tmp_path, "uneven", r) for r in (0, 1)]
+    assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == sorted(_record(tmp_path / "single", "single", 0)["ids"])
+    # pictures come from rank 0 only, once: two rows, two PNGs in the run
+    assert len(ranks[0]["pictures"]) == 2 and ranks[1]["pictures"] == []
+    assert len(list(tmp_path.glob("csv/**/*.png"))) == 2
+
+
+def test_ddp_without_ids_gives_each_rank_its_own_nulls(tmp_path):
+    _run(tmp_path, "no_ids", "--devices", "2", "--no-ids")
+    ranks = [_record(tmp_path, "no_ids", r) for r in (0, 1)]
+    # both ranks explain the same 24 images: the ids they make up must differ, and so must the nulls
+    assert len(ranks[0]["ids"]) == len(ranks[1]["ids"]) == 24
+    assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
+    for a, b in zip(ranks[0]["first_nulls"], ranks[1]["first_nulls"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) > 0.1
