@@ -144,6 +144,12 @@ def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tens
     return per_head.mean(dim=1) if heads == "mean" else per_head
 
 
+def pixels_per_token(model: nn.Module) -> int:
+    """How many image pixels one patch token covers (the patch area); 1 when the patch size is unknown."""
+    patch = _patch_size(resolve_vit(model))
+    return 1 if patch is None else patch[0] * patch[1]
+
+
 def token_grid(model: nn.Module, images: Tensor) -> tuple[int, int] | None:
     """The ``(h, w)`` patch grid of ``images`` for ``model``, when the model's patch size is known."""
     return check_images(resolve_vit(model), images)

@@ -119,7 +119,7 @@ class AttentionRegularizationCallback(Callback):
         batch_to_images: reads a batch into a :class:`BatchView` when the default reader can't.
     """
 
-    COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error")
+    COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error", "lfdr_fit_failed", "clamped_tokens")
 
     def __init__(
         self,
@@ -225,7 +225,12 @@ class AttentionRegularizationCallback(Callback):
                     f"{self.prefix}: {bad} degenerate image(s) (constant or non-finite) in batch {batch_idx}"
                 )
             self.counts.update(skipped_degenerate=bad)
-        self.counts.update(explained=take - bad)
+        sig = reg.significance
+        self.counts.update(
+            explained=take - bad,
+            lfdr_fit_failed=int((valid & ~sig.fit_ok).sum()),
+            clamped_tokens=int(sig.clamped[valid].sum()),
+        )
         if not bool(valid.any()):
             return
         roi = self._token_mask(view.masks, take, reg.grid, images.device)
@@ -265,11 +270,16 @@ class AttentionRegularizationCallback(Callback):
         # Already reduced over ranks by torchmetrics: rank_zero_only turns Lightning's own sync (and its
         # "use sync_dist=True" warning) off, while every rank still logs the same value.
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
-        explained, degenerate, failed = (int(counts[k]) for k in self.COUNT_KEYS)
+        explained, degenerate, failed, fit_failed = (int(counts[k]) for k in self.COUNT_KEYS[:4])
         self.explained_total += explained
         self.skipped_total += degenerate + failed
         if degenerate:
             rank_zero_warn(f"{self.prefix}: {degenerate} degenerate image(s) (constant or non-finite) skipped")
+        if fit_failed:
+            rank_zero_warn(
+                f"{self.prefix}: the local-FDR density fit diverged for {fit_failed} image(s); their lfdr is 1 "
+                "(no lfdr discoveries), counted in lfdr_fit_failed"
+            )
         if trainer.is_global_zero and self._rows:
             z_obs = torch.cat([z.flatten() for z, _ in self._z])
             z_null = torch.cat([z0.flatten() for _, z0 in self._z])

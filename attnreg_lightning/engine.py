@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 
-from attnreg_lightning.attention import check_model, cls_attention, resolve_vit, token_grid
+from attnreg_lightning.attention import check_model, cls_attention, pixels_per_token, resolve_vit, token_grid
 from attnreg_lightning.bootstrap import get_null_generator, null_stream, rechunk, require_positive_int
 from attnreg_lightning.regularize import RegularizedAttention, Thresholds, regularize
 from attnreg_lightning.stats import significance
@@ -152,4 +152,7 @@ class AttentionRegularizer:
         obs, null = self.observe(images, sample_ids)
         sig = significance(obs, null, pi0=self.pi0)
         th = self.thresholds
-        return regularize(obs, sig, th.z_th, th.p_th, th.lfdr_th, th.q_th, grid=grid)
+        # the pi0 rule's percentile is over pixels, as the reference takes it on upsampled maps
+        return regularize(
+            obs, sig, th.z_th, th.p_th, th.lfdr_th, th.q_th, grid=grid, pixels_per_token=pixels_per_token(self.model)
+        )

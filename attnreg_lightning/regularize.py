@@ -66,15 +66,27 @@ class RegularizedAttention:
         return values.reshape(values.shape[0], *self.grid)
 
 
-def _percentile(x: Tensor, q: Tensor) -> Tensor:
-    """Per-row percentile with linear interpolation (numpy's default); ``x [B, T]``, ``q [B]`` in [0, 1]."""
-    s = x.sort(dim=1).values
-    pos = q.to(s.dtype) * (s.shape[1] - 1)
-    lo = pos.floor().long().clamp(0, s.shape[1] - 1)
-    hi = pos.ceil().long().clamp(0, s.shape[1] - 1)
-    a = s.gather(1, lo[:, None])[:, 0]
-    b = s.gather(1, hi[:, None])[:, 0]
-    return a + (b - a) * (pos - lo.to(s.dtype))
+def pi0_cut(p: Tensor, pi0: Tensor, pixels_per_token: int = 1) -> Tensor:
+    """The reference's pi0 threshold ``np.percentile(p_pixels, 100 (1 - pi0))`` per image, in float64.
+
+    The reference takes the percentile over the nearest-upsampled pixels, each token's p-value repeated
+    ``pixels_per_token`` (``r``) times: with ``s`` the sorted token p-values, the sorted pixels are
+    ``s[j // r]``, so the ``r T`` pixels are never formed. numpy's steps are kept exactly: ``q`` is the
+    percentile divided by 100, the virtual index ``(r T - 1) q``, and its two-sided linear interpolation.
+    ``p [B, T]``, ``pi0 [B]``; ``[B]``.
+    """
+    s = p.to(torch.float64).sort(dim=1).values
+    n = pixels_per_token * s.shape[1]
+    q = (100 * (1 - pi0.to(torch.float64))) / 100
+    virtual = (n - 1) * q
+    below = virtual.floor().clamp(0, n - 1)
+    gamma = (virtual - below)[:, None]
+    lo = below.long()[:, None]
+    hi = (lo + 1).clamp(max=n - 1)
+    a, b = s.gather(1, lo // pixels_per_token), s.gather(1, hi // pixels_per_token)
+    diff = b - a
+    # numpy's _lerp: from the nearer end, so the result is exact at gamma = 0 and 1
+    return torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)[:, 0]
 
 
 def regularize(
@@ -85,11 +97,14 @@ def regularize(
     lfdr_th: float = 0.3,
     q_th: float = 0.1,
     grid: tuple[int, int] | None = None,
+    pixels_per_token: int = 1,
 ) -> RegularizedAttention:
     """The maps of DESIGN.md step 8 from raw attention ``obs [B, T]`` and its significance.
 
     ``zreg = a [z >= z_th]``; ``p``, ``lfdr``, ``q`` keep ``zreg`` where the statistic is at most its threshold;
-    ``pi0`` keeps ``zreg`` where p is at most the ``100 (1 - pi0)`` percentile of the image's p-values;
+    ``pi0`` keeps ``zreg`` where p is at most the ``100 (1 - pi0)`` percentile of the image's p-values over
+    its pixels, as the reference takes it (``pixels_per_token``: the patch area, each token's p-value counted
+    that often; ``1``: over tokens);
     ``posterior = a (1 - lfdr)``. Invalid images (``sig.valid`` False) get all-zero maps.
     """
     th = Thresholds(z_th=z_th, p_th=p_th, lfdr_th=lfdr_th, q_th=q_th)
@@ -97,14 +112,16 @@ def regularize(
         raise ValueError(f"obs has shape {tuple(obs.shape)} but the significance is for {tuple(sig.z.shape)}")
     if grid is not None and grid[0] * grid[1] != obs.shape[1]:
         raise ValueError(f"grid={grid} does not hold T={obs.shape[1]} tokens")
+    if isinstance(pixels_per_token, bool) or not isinstance(pixels_per_token, int) or pixels_per_token < 1:
+        raise ValueError(f"pixels_per_token must be an int >= 1, got {pixels_per_token!r}")
     a = torch.where(sig.valid[:, None], obs.clamp_min(0), torch.zeros_like(obs))
     zreg = a * (sig.z >= th.z_th)
-    pi0_cut = _percentile(sig.p, 1.0 - sig.pi0)
+    cut = pi0_cut(sig.p, sig.pi0, pixels_per_token)
     maps = {
         "zreg": zreg,
         "p": zreg * (sig.p <= th.p_th),
         "lfdr": zreg * (sig.lfdr <= th.lfdr_th),
-        "pi0": zreg * (sig.p <= pi0_cut[:, None]),
+        "pi0": zreg * (sig.p.to(torch.float64) <= cut[:, None]),
         "posterior": a * (1 - sig.lfdr),
         "q": zreg * (sig.q <= th.q_th),
     }

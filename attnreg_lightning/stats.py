@@ -23,6 +23,10 @@ STOREY_LAMBDA = 0.89
 _CELLS_PER_TOKEN = 16
 _MAX_CELL_DEPTH = 16
 _NULLS_PER_CHUNK = 1 << 16
+FIT_TOTAL_FACTOR = 4.0
+"""A local-FDR fit whose fitted histogram holds over this many times the image's tokens (or under its
+inverse) diverged. Seen on heavy-tailed z: fits that work hold 0.74-2.1 T, diverged ones 8.6 T and up."""
+
 _IRLS_MAX_ITER = 100
 _IRLS_TOL = 1e-8
 _IRLS_CHECK_EVERY = 8
@@ -41,6 +45,9 @@ class Significance:
 
     ``valid[b]`` is False where image ``b`` is degenerate (non-finite attention, or null attention with no
     spread beyond rounding): its statistics are placeholders (z = 0, p = 1, lfdr = 1, q = 1) that select no token.
+    ``fit_ok[b]`` is False where the local-FDR density fit failed (see :func:`local_fdr`): its lfdr is 1 at
+    every token. ``clamped[b]`` counts the image's attention values (observed and null) below
+    :data:`ATTENTION_FLOOR` that were clamped to it.
     """
 
     z: Tensor  # [B, T]
@@ -50,23 +57,37 @@ class Significance:
     lfdr: Tensor  # [B, T]
     q: Tensor  # [B, T]
     valid: Tensor  # [B] bool
+    fit_ok: Tensor  # [B] bool
+    clamped: Tensor  # [B] int64
 
 
 def zscores(obs: Tensor, null: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-scale z-scores of observed ``[B, T]`` and null ``[B, N, T]`` attention; also returns validity ``[B]``."""
-    log_obs = obs.clamp_min(ATTENTION_FLOOR).log_()
-    log_null = null.clamp_min(ATTENTION_FLOOR).log_()
+    """Log-scale z-scores of observed ``[B, T]`` and null ``[B, N, T]`` attention; also returns validity ``[B]``.
+
+    Logs, mean and std are taken in float64 whatever the input (``(N + 1) T`` values per image, a negligible
+    cost), so float32 attention loses nothing but the final rounding of z to float32.
+    """
+    dtype = obs.dtype
+    log_obs = obs.to(torch.float64).clamp_min(ATTENTION_FLOOR).log_()  # a copy: the input stays as it was
+    log_null = null.to(torch.float64).clamp_min(ATTENTION_FLOOR).log_()
     mu = log_null.mean(dim=(1, 2))
     # two-pass population std (numpy's), sharing the centred values with z_null
     centred = log_null.sub_(mu[:, None, None])
     sd = centred.square().mean(dim=(1, 2)).sqrt_()
-    # a non-finite null value makes mu (hence sd) non-finite; a spread of a few ulps of the mean is the
-    # rounding of a constant null, not spread
-    valid = torch.isfinite(obs).all(1) & torch.isfinite(sd) & (sd > 8 * torch.finfo(sd.dtype).eps * mu.abs())
+    # a non-finite null value makes mu (hence sd) non-finite; a spread of a few ulps (of the input's
+    # precision) of the mean is the rounding of a constant null, not spread
+    tiny_spread = 8 * torch.finfo(dtype).eps * mu.abs()
+    valid = torch.isfinite(obs).all(1) & torch.isfinite(sd) & (sd > tiny_spread)
     sd = torch.where(valid, sd, torch.ones_like(sd))
-    z = (log_obs - mu[:, None]) / sd[:, None]
+    z = (log_obs - mu[:, None]).div_(sd[:, None])
     z0 = centred.div_(sd[:, None, None])
-    return z, z0, valid
+    return z.to(dtype), z0.to(dtype), valid
+
+
+def clamped_counts(obs: Tensor, null: Tensor) -> Tensor:
+    """How many of each image's observed ``[B, T]`` and null ``[B, N, T]`` attention values lie below
+    :data:`ATTENTION_FLOOR` (zero, negative): the values :func:`zscores` clamps. ``[B]`` int64."""
+    return (obs < ATTENTION_FLOOR).sum(1) + (null < ATTENTION_FLOOR).sum((1, 2))
 
 
 def _as_ordered_ints(x: Tensor) -> Tensor:
@@ -181,6 +202,17 @@ def _vander(x: Tensor, deg: int) -> Tensor:
     return rising.flip(-1)
 
 
+def _pad_rows(x: Tensor) -> Tensor:
+    """``x [B, K, P]`` with zero rows appended up to a multiple of 8 rows.
+
+    MKL's QR of a matrix depends on its memory alignment in the last bits (in a batch, every other 29 x 9
+    matrix starts off a 64-byte boundary), and a fit that drifts amplifies those bits: with every matrix and
+    column 64-byte aligned, an image's fit is the same bits alone and in any batch. Zero rows change no
+    least-squares solution, and a bin with no count and no design adds a constant to the deviance.
+    """
+    return torch.nn.functional.pad(x, (0, 0, 0, -x.shape[1] % 8))
+
+
 def _lstsq(system: Tensor) -> Tensor:
     """Least squares of the tall, full-rank batched systems ``system = [A | y]`` (``[B, K, P + 1]``): ``[B, P, 1]``.
 
@@ -261,11 +293,19 @@ def _poisson_irls(x: Tensor, y: Tensor, start: Tensor) -> Tensor:
     return beta
 
 
-def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
-    """Efron's local FDR ``clip(pi0 phi(z) / f(z), 0, 1)`` per image, as statsmodels' ``local_fdr``.
+def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> tuple[Tensor, Tensor]:
+    """Efron's local FDR ``clip(pi0 phi(z) / f(z), 0, 1)`` per image, as statsmodels' ``local_fdr``; and
+    whether each image's fit succeeded (``fit_ok``, ``[B]`` bool).
 
     ``f`` is a Poisson regression of the histogram of ``z[b]`` (``nbins`` edges from min to max) on a
     degree-``deg`` polynomial of the bin centres. ``z`` is ``[B, T]``; computed in float64.
+
+    A fit fails when its coefficients are not finite or its fitted histogram holds more than
+    :data:`FIT_TOTAL_FACTOR` times the image's ``T`` tokens, or less than ``1 /`` that (a converged Poisson
+    fit with an intercept holds exactly ``T``): the IRLS diverged (deviances of 1e4 to 1e178 seen, where
+    statsmodels then calls every token a discovery). A failed fit, and a row with no spread to fit, gets
+    lfdr = 1 at every token: nothing is discovered through a density that was not estimated. Each image's
+    fit is the same bits alone and in any batch, so the outcome is too.
     """
     if deg < 1 or nbins < deg + 2:
         raise ValueError(f"lfdr_deg={deg} and lfdr_bins={nbins}: need deg >= 1 and bins >= deg + 2")
@@ -293,9 +333,16 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     design = _vander(centres, deg)
     scale = (design - design.mean(dim=1, keepdim=True)).square_().mean(dim=1, keepdim=True).sqrt_()  # numpy's std
     scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
-    design = design / scale
-    start = _lstsq(torch.cat([design, counts.log1p().unsqueeze(-1)], -1)).squeeze(-1)
-    beta = _poisson_irls(design, counts, start)
+    design, y = _pad_rows(design / scale), _pad_rows(counts.unsqueeze(-1)).squeeze(-1)
+    start = _lstsq(torch.cat([design, y.log1p().unsqueeze(-1)], -1)).squeeze(-1)
+    beta = _poisson_irls(design, y, start)
+    fitted_total = torch.bmm(design[:, : nbins - 1], beta.unsqueeze(-1)).exp_().sum(dim=(1, 2))
+    fit_ok = (
+        fittable
+        & torch.isfinite(beta).all(1)
+        & (fitted_total <= FIT_TOTAL_FACTOR * t)
+        & (fitted_total >= t / FIT_TOTAL_FACTOR)
+    )
     coef = beta / scale.squeeze(1)  # of z^deg, ..., z, 1
     log_fitted = coef[:, :1].expand_as(zd)
     for k in range(1, deg + 1):  # Horner: no [B, T, deg + 1] design at the tokens
@@ -305,7 +352,7 @@ def local_fdr(z: Tensor, pi0: Tensor, deg: int = 7, nbins: int = 30) -> Tensor:
     fz = fitted / (t * width)
     f0 = torch.exp(zd.square().mul_(-0.5)).div_(math.sqrt(2 * math.pi))
     lfdr = (pi0.to(torch.float64)[:, None] * f0 / fz).clamp(0.0, 1.0).nan_to_num(nan=1.0)
-    return torch.where(fittable[:, None], lfdr, torch.ones_like(lfdr)).to(z.dtype)
+    return torch.where(fit_ok[:, None], lfdr, torch.ones_like(lfdr)).to(z.dtype), fit_ok
 
 
 def bh_qvalues(p: Tensor, pi0: Tensor, order: Tensor | None = None) -> Tensor:
@@ -327,11 +374,13 @@ def significance(
 ) -> Significance:
     """Statistics of observed attention ``obs [B, T]`` against null attention ``null [B, N, T]``.
 
-    Attention at or below zero is clamped to :data:`ATTENTION_FLOOR` before the log. z and p are computed
-    in float64 for float64 input and in float32 otherwise (the Poisson fit of the local FDR always in
-    float64); results come back in ``obs.dtype``. ``pi0`` is ``"estimate"`` (Storey, per image) or a float in [0, 1].
+    Attention below :data:`ATTENTION_FLOOR` (zero, negative) is clamped to it before the log and counted
+    (``clamped``). Logs, mean and std of z are taken in float64; p is counted on z in float64 for float64
+    input and in float32 otherwise (the Poisson fit of the local FDR always in float64); results come back
+    in ``obs.dtype``. ``pi0`` is ``"estimate"`` (Storey, per image) or a float in [0, 1].
     Images whose input is non-finite or whose null has no spread are flagged in ``valid`` and get neutral
-    statistics rather than NaN. Ranks and histograms have no gradient: the inputs are detached.
+    statistics rather than NaN; images whose local-FDR fit diverged are flagged in ``fit_ok`` (lfdr = 1).
+    Ranks and histograms have no gradient: the inputs are detached.
     """
     if obs.dim() != 2 or null.dim() != 3 or null.shape[0] != obs.shape[0] or null.shape[2] != obs.shape[1]:
         raise ValueError(f"obs must be [B, T] and null [B, N, T]; got {tuple(obs.shape)} and {tuple(null.shape)}")
@@ -344,7 +393,9 @@ def significance(
         raise ValueError(f"pi0 must be 'estimate' or a float in [0, 1], got {pi0!r}")
     dtype = obs.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    z, z0, valid = zscores(obs.detach().to(work), null.detach().to(work))
+    obs, null = obs.detach(), null.detach()
+    clamped = clamped_counts(obs, null)
+    z, z0, valid = zscores(obs.to(work), null.to(work))
     if not bool(valid.all()):  # in place: a fresh [B, N, T] buffer costs more in page faults than the work
         z.masked_fill_(~valid[:, None], 0.0)
         z0.masked_fill_(~valid[:, None, None], 0.0)
@@ -356,7 +407,7 @@ def significance(
         pi0_t = storey_pi0(p)
     else:
         pi0_t = torch.full((obs.shape[0],), float(pi0), dtype=work, device=obs.device)
-    lfdr = local_fdr(z, pi0_t, lfdr_deg, lfdr_bins)
+    lfdr, fit_ok = local_fdr(z, pi0_t, lfdr_deg, lfdr_bins)
     q = bh_qvalues(p, pi0_t, abs_order.flip(1))
     return Significance(
         z=z.to(dtype),
@@ -366,4 +417,6 @@ def significance(
         lfdr=lfdr.to(dtype),
         q=q.to(dtype),
         valid=valid,
+        fit_ok=fit_ok & valid,
+        clamped=clamped,
     )

@@ -30,10 +30,12 @@ def oracle_image(a: np.ndarray, a0: np.ndarray, pi0="estimate", deg: int = 7, nb
     return {"z": z, "z_null": z0, "p": p, "pi0": pi0_v, "lfdr": lfdr, "q": q}
 
 
-def oracle_maps(a: np.ndarray, st: dict, z_th=0.0, p_th=0.3, lfdr_th=0.3, q_th=0.1) -> dict:
+def oracle_maps(a: np.ndarray, st: dict, z_th=0.0, p_th=0.3, lfdr_th=0.3, q_th=0.1, pixels_per_token=1) -> dict:
+    """The maps; the pi0 cut is the reference's percentile over pixels, each token repeated ``pixels_per_token``
+    times (the multiset of its nearest-upsampled map)."""
     a = np.asarray(a, np.float64).ravel()
     zreg = a * (st["z"] >= z_th)
-    cut = np.percentile(st["p"], 100 * (1 - st["pi0"]))
+    cut = np.percentile(np.repeat(st["p"], pixels_per_token), 100 * (1 - st["pi0"]))
     return {
         "zreg": zreg,
         "p": zreg * (st["p"] <= p_th),

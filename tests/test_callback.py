@@ -14,6 +14,8 @@ from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.callback import BatchView, default_batch_to_images
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.metrics import score_keys
+from attnreg_lightning.regularize import regularize
+from attnreg_lightning.stats import significance
 from tests.helpers import perturb, tiny_data, tiny_module
 from tests.oracle import oracle_image, oracle_maps
 
@@ -75,6 +77,8 @@ def test_fit_logs_every_promised_metric(tmp_path):
             "attnreg/explained",
             "attnreg/skipped_degenerate",
             "attnreg/skipped_error",
+            "attnreg/lfdr_fit_failed",
+            "attnreg/clamped_tokens",
         }
     )
     # precision is undefined for an image whose map keeps nothing; all else must be there
@@ -443,3 +447,25 @@ def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
         assert torch.equal(b.attention, a.attention)  # trained alike
         assert torch.equal(b.significance.z_null, a.significance.z_null)
         assert all(torch.equal(b.maps[name], a.maps[name]) for name in a.maps)
+
+
+def test_diverged_density_fits_and_clamped_values_are_counted(tmp_path):
+    # attention whose z-scores are standardized Student-t rows: row 21's density fit diverges (tests/test_stats.py)
+    rng = np.random.default_rng(2)
+    x = rng.standard_t(3, size=(32, 784))
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    obs = torch.from_numpy(np.exp(x[[20, 21]]))
+    null = torch.from_numpy(np.exp(rng.standard_normal((2, 4, 784))))
+    null[0, 0, :3] = 0.0  # three values to clamp
+
+    class Crafted(AttentionRegularizationCallback):
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+            self.engine = lambda images, sample_ids=None: regularize(obs, significance(obs, null))
+
+    cb = Crafted(n_bootstrap=4, num_images=2, log_images=0)
+    data = [(torch.randn(2, 3, 48, 48), torch.zeros(2, dtype=torch.long))]
+    with pytest.warns(UserWarning, match="density fit diverged for 1 image"):
+        (logged,) = _trainer(tmp_path, [cb], False).validate(tiny_module(), DataLoader(data, batch_size=None))
+    assert logged["attnreg/lfdr_fit_failed"] == 1 and logged["attnreg/clamped_tokens"] == 3
+    assert logged["attnreg/explained"] == 2

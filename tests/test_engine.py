@@ -4,7 +4,7 @@ import torch
 
 from attnreg_lightning.attention import cls_attention
 from attnreg_lightning.engine import AttentionRegularizer
-from attnreg_lightning.regularize import MAP_NAMES, Thresholds
+from attnreg_lightning.regularize import MAP_NAMES, Thresholds, regularize
 from attnreg_lightning.stats import significance
 
 
@@ -29,6 +29,16 @@ def test_result_carries_attention_significance_and_grid(vit):
     with torch.no_grad():
         torch.testing.assert_close(reg.attention, cls_attention(vit.eval(), x))
     assert reg.significance.valid.all()
+
+
+def test_pi0_rule_counts_each_tokens_pixels(vit, monkeypatch):
+    """The reference takes the pi0 percentile over upsampled pixels: the engine passes the patch area."""
+    import attnreg_lightning.engine as engine_module
+
+    seen = []
+    monkeypatch.setattr(engine_module, "regularize", lambda *a, **kw: seen.append(kw) or regularize(*a, **kw))
+    AttentionRegularizer(vit, n_bootstrap=2)(_images(1))
+    assert seen[0]["pixels_per_token"] == 8 * 8
 
 
 def test_null_attention_is_the_attention_of_the_null_images(vit):

@@ -27,7 +27,7 @@ def _reg(raw: torch.Tensor, maps: dict, valid=None) -> RegularizedAttention:
     b, t = raw.shape
     z = torch.zeros(b, t, dtype=torch.float64)
     valid = torch.ones(b, dtype=torch.bool) if valid is None else torch.as_tensor(valid)
-    sig = Significance(z, z[:, None], z, z[:, 0], z, z, valid)
+    sig = Significance(z, z[:, None], z, z[:, 0], z, z, valid, valid, torch.zeros(b, dtype=torch.long))
     return RegularizedAttention(attention=raw, significance=sig, maps=maps, thresholds=Thresholds())
 
 

@@ -91,11 +91,44 @@ def test_maps_read_their_own_thresholds(kind, b, n, t, seed):
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-15, err_msg=name)
 
 
+@pytest.mark.parametrize("patch", [1, 2, 8, 16])
+def test_pi0_map_takes_the_percentile_over_pixels_as_the_reference(patch):
+    differs = 0
+    for kind, b, n, t, seed in CASES:
+        obs, null = make_case(kind, b, n, t, seed)
+        sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+        ours = regularize(torch.from_numpy(obs), sig, pixels_per_token=patch * patch).maps["pi0"]
+        tokens = regularize(torch.from_numpy(obs), sig).maps["pi0"]
+        for i in range(b):
+            ref = oracle_maps(obs[i], oracle_image(obs[i], null[i]), pixels_per_token=patch * patch)["pi0"]
+            np.testing.assert_array_equal(ours[i].numpy(), ref)
+            differs += not torch.equal(ours[i], tokens[i])
+    assert (differs > 0) == (patch > 1)  # the token rule is not the pixel rule
+
+
+def test_pi0_map_equals_the_reference_pipeline_on_upsampled_maps():
+    """The reference's own order of work: upsample attention to pixels, statistics and maps there."""
+    grid, patch = (28, 28), 2
+    obs, null = make_case("heavy", 4, 5, grid[0] * grid[1], 20)
+    sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
+    ours = regularize(torch.from_numpy(obs), sig, pixels_per_token=patch * patch).maps["pi0"]
+    assert not torch.equal(ours[1], regularize(torch.from_numpy(obs), sig).maps["pi0"][1])  # where rules differ
+    for i in range(4):
+        px = oracle_pixel_level(obs[i], null[i], grid, patch)
+        up = np.kron(obs[i].reshape(grid), np.ones((patch, patch)))
+        ref = oracle_maps(up, px)["pi0"].reshape(grid[0] * patch, grid[1] * patch)[::patch, ::patch].ravel()
+        np.testing.assert_allclose(ours[i].numpy(), ref, rtol=0, atol=1e-15)
+
+
 def test_float32_input_matches_float64():
     obs, null = make_case("heavy", 4, 10, 196, 7)
     s64 = significance(torch.from_numpy(obs), torch.from_numpy(null))
     s32 = significance(torch.from_numpy(obs).float(), torch.from_numpy(null).float())
     assert s32.z.dtype == torch.float32 and s32.lfdr.dtype == torch.float32
+    # logs, mean and std in float64: z of float32 attention is its float64 z, rounded once
+    o32, n32 = torch.from_numpy(obs).float(), torch.from_numpy(null).float()
+    exact = significance(o32.double(), n32.double())
+    assert torch.equal(s32.z, exact.z.float()) and torch.equal(s32.z_null, exact.z_null.float())
     torch.testing.assert_close(s32.z.double(), s64.z, atol=1e-4, rtol=0)
     # float32 rounding may move a token past a near-tie in the pooled ranks: allow one rank.
     assert (s32.p.double() - s64.p).abs().max() <= 1.0 / (196 * 11) + 1e-7
@@ -167,14 +200,61 @@ def test_planted_tokens_are_discovered():
 
 
 def test_zero_and_negative_attention_are_clamped_not_nan():
-    obs, null = make_case("heavy", 2, 5, 64, 3)
+    obs, null = make_case("uniform", 2, 5, 64, 3)  # attention near 1/64: nothing near the floor
+    assert significance(torch.from_numpy(obs), torch.from_numpy(null)).clamped.tolist() == [0, 0]
     obs[0, :5] = 0.0
     obs[1, :3] = -0.1
     null[0, 0, :7] = 0.0
+    null[1, 2, :2] = 1e-13
     sig = significance(torch.from_numpy(obs), torch.from_numpy(null))
     for v in (sig.z, sig.z_null, sig.p, sig.lfdr, sig.q, sig.pi0):
         assert torch.isfinite(v).all()
     assert sig.valid.all()
+    assert sig.clamped.tolist() == [5 + 7, 3 + 2]  # observed and null values below the floor, reported
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_image_gets_the_same_statistics_alone_and_in_any_batch(dtype):
+    """Which images share a batch depends on batch size, world size and num_images: a user's maps must not.
+    Heavy tails make some Poisson fits drift or diverge, amplifying the last bit of any difference."""
+    failed = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        b, n, t = 16, 5, 196 + seed % 2
+        null = torch.from_numpy(_softmax_rows(rng.standard_t(2, size=(b, n, t)) * 2)).to(dtype)
+        obs = torch.from_numpy(_softmax_rows(rng.standard_t(2, size=(b, t)) * 2)).to(dtype)
+        whole = significance(obs, null)
+        failed += int((~whole.fit_ok).sum())
+        maps = regularize(obs, whole).maps
+        others = [[i] for i in range(b)] + [rng.permutation(b)[:5].tolist()]
+        for rows in others:
+            part = significance(obs[rows], null[rows])
+            for name in ("z", "z_null", "p", "pi0", "lfdr", "q", "fit_ok", "valid", "clamped"):
+                assert torch.equal(getattr(part, name), getattr(whole, name)[rows]), (seed, rows, name)
+            part_maps = regularize(obs[rows], part).maps
+            assert all(torch.equal(part_maps[m], maps[m][rows]) for m in maps)
+    assert failed > 0  # diverging fits were among them
+
+
+def test_a_diverging_density_fit_is_flagged_and_discovers_nothing():
+    from statsmodels.stats.multitest import local_fdr as sm_local_fdr
+
+    x = np.random.default_rng(2).standard_t(3, size=(32, 784))
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    z, pi0 = torch.from_numpy(x), torch.ones(32, dtype=torch.float64)
+    lfdr, fit_ok = stats.local_fdr(z, pi0)
+    alone, alone_ok = stats.local_fdr(z[21:22], pi0[:1])
+    # row 21's fit explodes (statsmodels' fitted log-density ~ +270): it calls every token a discovery
+    assert (sm_local_fdr(x[21], null_proportion=1.0) <= 0.3).all()
+    assert fit_ok.tolist() == [i != 21 for i in range(32)] and not alone_ok[0]
+    assert (lfdr[21] == 1).all() and torch.equal(alone[0], lfdr[21])
+    for i in (0, 5, 20, 22):  # the fits that work agree with statsmodels
+        np.testing.assert_allclose(lfdr[i].numpy(), sm_local_fdr(x[i], null_proportion=1.0), rtol=0, atol=1e-4)
+    # an explosion that stays finite (fitted histogram of ~1e30 tokens, not 784): flagged all the same
+    x = np.random.default_rng(2).standard_t(1.5, size=(25, 784))[24]
+    z = torch.from_numpy((x - x.mean()) / x.std())[None]
+    lfdr, fit_ok = stats.local_fdr(z, pi0[:1])
+    assert not fit_ok[0] and (lfdr == 1).all()
 
 
 def test_degenerate_images_are_flagged_and_neutral():
@@ -314,7 +394,7 @@ def test_poisson_fit_stops_where_statsmodels_glm_does(monkeypatch):
         return fits[-1][-1]
 
     monkeypatch.setattr(stats, "_poisson_irls", keep)
-    stats.local_fdr(z, torch.ones(32, dtype=torch.float64))
+    _, fit_ok = stats.local_fdr(z, torch.ones(32, dtype=torch.float64))
     ((x, y, start, beta),) = fits
     steps = []
     for i in range(32):
