@@ -59,15 +59,35 @@ def normal_nulls(
     return mean + noise * (std * std_factor)
 
 
+NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+"""Per-channel (mean, std) a ``uniform`` null may be re-normalized with (the reference's ``bootstrap_uniform``)."""
+
+
 @register_null("uniform")
-def uniform_nulls(images: Tensor, n: int, generator: torch.Generator, *, all_channels: bool = True) -> Tensor:
-    """i.i.d. ``U(min, max)`` pixels; range per image (and channel)."""
+def uniform_nulls(
+    images: Tensor, n: int, generator: torch.Generator, *, all_channels: bool = True, normalization: str | None = None
+) -> Tensor:
+    """i.i.d. ``U(min, max)`` pixels; range per image (and channel).
+
+    ``normalization="imagenet"`` then applies ``(u - mean) / std`` with ImageNet's statistics, as the paper's
+    code does by default: on images that are already normalized this normalizes twice (channel ranges of
+    about [-11, 8] for an image in [-2.1, 2.4]), so nulls no longer share the image's range; we default to
+    ``None`` (the plain range) and offer it to reproduce the paper's numbers.
+    """
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: choose null or one of {sorted(NORMALIZATIONS)}")
     dims = _stats_dims(all_channels)
     lo = images.amin(dim=dims, keepdim=True).unsqueeze(1)
     hi = images.amax(dim=dims, keepdim=True).unsqueeze(1)
     b, c, h, w = images.shape
     u = torch.rand((b, n, c, h, w), generator=generator, device=images.device, dtype=images.dtype)
-    return lo + u * (hi - lo)
+    nulls = lo + u * (hi - lo)
+    if normalization is None:
+        return nulls
+    mean, std = (torch.tensor(v, device=images.device, dtype=images.dtype) for v in NORMALIZATIONS[normalization])
+    if c != mean.numel():
+        raise ValueError(f"normalization={normalization!r} is for {mean.numel()}-channel images, got {c} channels")
+    return (nulls - mean.view(1, 1, c, 1, 1)) / std.view(1, 1, c, 1, 1)
 
 
 @register_null("pixel")

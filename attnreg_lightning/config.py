@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from attnreg_lightning.bootstrap import available_methods
+from attnreg_lightning.bootstrap import NORMALIZATIONS, available_methods
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,8 +35,9 @@ class AttnRegConfig:
 
     ``pi0=None`` estimates pi0 per image (Storey); a float fixes it. ``maps`` are the regularized maps whose
     metrics and pictures are logged. ``num_images`` is per validation epoch and per rank; ``log_images`` is
-    how many of those get a picture row (rank 0 only). ``std_factor``, ``all_channels`` and ``patch_size``
-    are options of the null generator (``patch_size=None``: the model's patch size). ``name`` prefixes every
+    how many of those get a picture row (rank 0 only). ``std_factor``, ``all_channels``, ``patch_size`` and
+    ``normalization`` are options of the null generator (``patch_size=None``: the model's patch size;
+    ``normalization="imagenet"``, ``uniform`` only: re-normalized as the paper's code does). ``name`` prefixes every
     logged key and names the callback's checkpoint state (two callbacks in one Trainer need two names).
     """
 
@@ -58,6 +59,7 @@ class AttnRegConfig:
     std_factor: float = 1.0
     all_channels: bool = True
     patch_size: Optional[int] = None  # noqa: UP045
+    normalization: Optional[str] = None  # noqa: UP045
     name: str = "attnreg"
 
     def __post_init__(self) -> None:
@@ -106,6 +108,12 @@ class AttnRegConfig:
             "need null or an int >= 1",
         )
         _require(
+            self.normalization is None or self.normalization in NORMALIZATIONS,
+            "normalization",
+            self.normalization,
+            f"need null or one of {sorted(NORMALIZATIONS)}",
+        )
+        _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             "name",
             self.name,
@@ -121,7 +129,7 @@ class AttnRegConfig:
         if self.method == "normal":
             return {"std_factor": self.std_factor, "all_channels": self.all_channels}
         if self.method == "uniform":
-            return {"all_channels": self.all_channels}
+            return {"all_channels": self.all_channels, "normalization": self.normalization}
         if self.method == "patch" and self.patch_size is not None:
             return {"patch_size": self.patch_size}
         return {}

@@ -71,6 +71,11 @@ def test_attnreg_options_validate(option):
 def test_paper_preset_is_the_reference_defaults():
     a = _compose("attnreg=paper").attnreg
     assert (a.method, a.n_bootstrap, a.z_th, a.p_th, a.lfdr_th, a.pi0) == ("normal", 10, 0.0, 0.3, 0.3, None)
+    assert a.normalization == "imagenet" and _compose().attnreg.normalization is None
+    with pytest.raises(ValueError, match=r"attnreg\.normalization"):
+        AttnRegConfig(**{**OmegaConf.to_container(a, resolve=True), "normalization": "cifar"})
+    uniform = AttnRegConfig(**{**OmegaConf.to_container(a, resolve=True), "method": "uniform"})
+    assert uniform.method_options()["normalization"] == "imagenet"
 
 
 @pytest.mark.parametrize("option", _options("trainer"))

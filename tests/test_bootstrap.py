@@ -91,6 +91,20 @@ def test_uniform_spans_each_channels_range(device):
     torch.testing.assert_close(nulls, lo + u_exact * (hi - lo))
 
 
+def test_uniform_with_imagenet_normalization_is_the_paper_codes_default():
+    x = torch.rand(2, 3, 8, 8, generator=_gen(4)) * 4.5 - 2.1  # an image normalized already: [-2.1, 2.4]
+    plain = null_images(x, 3, "uniform", _gen(1))
+    paper = null_images(x, 3, "uniform", _gen(1), normalization="imagenet")
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
+    torch.testing.assert_close(paper, (plain - mean) / std)
+    assert paper.amin() < -10 and paper.amax() > 8  # normalized twice: far outside the image's range
+    with pytest.raises(ValueError, match="normalization='cifar'"):
+        null_images(x, 3, "uniform", _gen(1), normalization="cifar")
+    with pytest.raises(ValueError, match="3-channel"):
+        null_images(x[:, :1], 3, "uniform", _gen(1), normalization="imagenet")
+
+
 def test_pixel_draws_existing_pixels_channels_together():
     x = _images(b=2, h=8, w=8)
     nulls = null_images(x, 6, "pixel", _gen())
