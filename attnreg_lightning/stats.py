@@ -9,6 +9,8 @@ Benjamini-Hochberg q-values.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -369,8 +371,31 @@ def bh_qvalues(p: Tensor, pi0: Tensor, order: Tensor | None = None) -> Tensor:
     return torch.empty_like(p).scatter_(1, order, q_sorted)
 
 
+@contextmanager
+def bounded_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """At most ``threads`` intra-op threads for CPU work inside the block; the caller's setting afterwards.
+
+    ``torch.set_num_threads`` is process-wide, so it is restored on the way out, exception or not. Does
+    nothing for other devices or ``threads=None``.
+    """
+    before = torch.get_num_threads()
+    if device.type != "cpu" or threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def significance(
-    obs: Tensor, null: Tensor, pi0: str | float = "estimate", lfdr_deg: int = 7, lfdr_bins: int = 30
+    obs: Tensor,
+    null: Tensor,
+    pi0: str | float = "estimate",
+    lfdr_deg: int = 7,
+    lfdr_bins: int = 30,
+    cpu_threads: int | None = 1,
 ) -> Significance:
     """Statistics of observed attention ``obs [B, T]`` against null attention ``null [B, N, T]``.
 
@@ -381,16 +406,30 @@ def significance(
     Images whose input is non-finite or whose null has no spread are flagged in ``valid`` and get neutral
     statistics rather than NaN; images whose local-FDR fit diverged are flagged in ``fit_ok`` (lfdr = 1).
     Ranks and histograms have no gradient: the inputs are detached.
+
+    On a CPU the statistics run on at most ``cpu_threads`` intra-op threads (``None``: torch's setting).
+    They are thousands of small ops: beside busy processes (a training loop's data workers) threads that
+    wait for each other at every op made them 13-50x slower than idle; one thread takes its fair share.
+    The caller's ``torch.get_num_threads()`` is restored.
     """
     if obs.dim() != 2 or null.dim() != 3 or null.shape[0] != obs.shape[0] or null.shape[2] != obs.shape[1]:
         raise ValueError(f"obs must be [B, T] and null [B, N, T]; got {tuple(obs.shape)} and {tuple(null.shape)}")
     if null.shape[1] < 1:
         raise ValueError("null must hold at least one bootstrap sample (N >= 1)")
+    if cpu_threads is not None and (
+        isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1
+    ):
+        raise ValueError(f"cpu_threads must be None or an int >= 1, got {cpu_threads!r}")
     if isinstance(pi0, str):
         if pi0 != "estimate":
             raise ValueError(f"pi0 must be 'estimate' or a float in [0, 1], got {pi0!r}")
     elif not 0.0 <= float(pi0) <= 1.0:
         raise ValueError(f"pi0 must be 'estimate' or a float in [0, 1], got {pi0!r}")
+    with bounded_threads(obs.device, cpu_threads):
+        return _significance(obs, null, pi0, lfdr_deg, lfdr_bins)
+
+
+def _significance(obs: Tensor, null: Tensor, pi0: str | float, lfdr_deg: int, lfdr_bins: int) -> Significance:
     dtype = obs.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
     obs, null = obs.detach(), null.detach()

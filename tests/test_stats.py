@@ -402,3 +402,25 @@ def test_poisson_fit_stops_where_statsmodels_glm_does(monkeypatch):
         steps.append(ref.fit_history["iteration"])
         np.testing.assert_allclose((x[i] @ beta[i]).numpy(), np.log(ref.fittedvalues), rtol=0, atol=1e-7)
     assert 100 in steps and any(s % stats._IRLS_CHECK_EVERY for s in steps)  # both stops are exercised
+
+
+def test_statistics_bound_their_cpu_threads_and_restore_the_callers_setting(monkeypatch):
+    obs, null = (torch.from_numpy(a).float() for a in make_case("heavy", 3, 5, 196, 8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real = stats._significance
+        monkeypatch.setattr(stats, "_significance", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        bounded = significance(obs, null)
+        unbounded = significance(obs, null, cpu_threads=None)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        for name in ("z", "p", "lfdr", "q", "pi0"):
+            assert torch.equal(getattr(bounded, name), getattr(unbounded, name))
+        with pytest.raises(ValueError, match="boom"), stats.bounded_threads(torch.device("cpu"), 1):
+            raise ValueError("boom")
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="cpu_threads"):
+            significance(obs, null, cpu_threads=0)
+    finally:
+        torch.set_num_threads(before)
