@@ -20,7 +20,7 @@ from typing_extensions import override
 from attnreg_lightning.attention import check_model, resolve_vit
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
-from attnreg_lightning.loggers import PictureRow, log_pictures, warn_unknown
+from attnreg_lightning.loggers import PictureRow, log_evolution, log_pictures, warn_unknown
 from attnreg_lightning.metrics import (
     Counts,
     MeanScores,
@@ -31,8 +31,9 @@ from attnreg_lightning.metrics import (
     score_keys,
     token_mask,
 )
+from attnreg_lightning.probes import STABILITY_KEYS, ProbeBook
 from attnreg_lightning.stats import null_pvalues
-from attnreg_lightning.viz import picture_row
+from attnreg_lightning.viz import attention_scale, display_uint8, evolution_picture, mask_classes, picture_row
 
 _FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries none
 
@@ -92,6 +93,11 @@ def _compute(metric: Metric):
         return metric.compute()
 
 
+def _stage(trainer: L.Trainer) -> str:
+    """Which validation run: ``epoch<e>`` during fit, else the trainer's stage (``validate``)."""
+    return f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+
+
 class AttentionRegularizationCallback(Callback):
     """Explain validation images with bootstrap-regularized attention and log maps and metrics.
 
@@ -137,11 +143,15 @@ class AttentionRegularizationCallback(Callback):
         self.calibration = NullCalibration()
         self.topk = TopKBaseline()
         self.counts = Counts(self.COUNT_KEYS)
+        self.stability = MeanScores(STABILITY_KEYS)
+        self.probes = ProbeBook(self.config.probe_ids)
         self.explained_total = 0
         self.skipped_total = 0
         self.validation_runs = 0
         self._active = False
         self._seen = 0
+        self._position = 0
+        self._explained_ids: set[int] = set()
         self._rows: list[PictureRow] = []
         self._z: list[tuple[Tensor, Tensor]] = []
         self._warned_loggers = False
@@ -160,7 +170,7 @@ class AttentionRegularizationCallback(Callback):
         return self._batch_to_images(batch)
 
     def _metrics(self) -> tuple[Metric, ...]:
-        return (self.scores, self.regions, self.calibration, self.topk, self.counts)
+        return (self.scores, self.regions, self.calibration, self.topk, self.counts, self.stability)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -182,7 +192,8 @@ class AttentionRegularizationCallback(Callback):
             self.validation_runs += 1
         else:
             self._active = True
-        self._seen = 0
+        self._seen = self._position = 0
+        self._explained_ids = set()
         self._rows, self._z = [], []
         for metric in self._metrics():
             metric.to(pl_module.device).reset()
@@ -198,17 +209,27 @@ class AttentionRegularizationCallback(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         cfg = self.config
-        if not self._active or self._seen >= cfg.num_images:
+        if not self._active:
             return
         view = self.batch_to_images(batch)
-        take = min(cfg.num_images - self._seen, view.images.shape[0])
-        images = view.images[:take].to(pl_module.device)
+        size = view.images.shape[0]
         if view.ids is not None:
-            ids = torch.as_tensor(view.ids[:take]).tolist()
-        else:
-            base = trainer.global_rank * _FALLBACK_ID_STRIDE + self._seen
-            ids = list(range(base, base + take))
+            batch_ids = torch.as_tensor(view.ids).tolist()
+        else:  # made up by position: the same images get the same ids at every run
+            base = trainer.global_rank * _FALLBACK_ID_STRIDE + self._position
+            batch_ids = list(range(base, base + size))
+        self._position += size
+        if self.probes.chosen:  # the probes, wherever they are (shuffled or distributed loaders)
+            rows = [j for j, i in enumerate(batch_ids) if self.probes.is_probe(i) and i not in self._explained_ids]
+        else:  # the first explained run picks them: the first num_images this rank sees
+            rows = list(range(min(cfg.num_images - self._seen, size)))
+        if not rows:
+            return
+        take = len(rows)
+        images = view.images[rows].to(pl_module.device)
+        ids = [batch_ids[j] for j in rows]
         self._seen += take
+        self._explained_ids.update(ids)
         try:
             reg = self.engine(images, sample_ids=ids)
         except Exception as err:
@@ -233,39 +254,65 @@ class AttentionRegularizationCallback(Callback):
         )
         if not bool(valid.any()):
             return
-        roi = self._token_mask(view.masks, take, reg.grid, images.device)
-        noise = self._token_mask(view.noise_masks, take, reg.grid, images.device)
+        roi = self._token_mask(view.masks, rows, reg.grid, images.device)
+        noise = self._token_mask(view.noise_masks, rows, reg.grid, images.device)
         scores = image_scores(reg, cfg.maps, roi, noise)
         self.scores.update(scores)
         self.regions.update(reg, roi, noise)
         self.calibration.update(null_pvalues(reg.significance)[valid])
         if roi is not None:
             self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
+        self._follow_probes(reg, ids)
         if trainer.is_global_zero:
-            self._collect_pictures(images, reg, ids, scores)
+            self._collect_pictures(images, reg, ids, scores, _stage(trainer))
 
     @staticmethod
-    def _token_mask(masks: Tensor | None, take: int, grid, device) -> Tensor | None:
+    def _token_mask(masks: Tensor | None, rows: list[int], grid, device) -> Tensor | None:
         # without a known token grid (a model that only offers get_last_selfattention) masks can't be mapped
-        return None if masks is None or grid is None else token_mask(torch.as_tensor(masks[:take]).to(device), grid)
+        return None if masks is None or grid is None else token_mask(torch.as_tensor(masks)[rows].to(device), grid)
 
-    def _collect_pictures(self, images: Tensor, reg, ids: list[int], scores: dict[str, Tensor]) -> None:
-        valid_rows = reg.significance.valid.nonzero().flatten().tolist()
-        self._z.append((reg.significance.z[reg.significance.valid], reg.significance.z_null[reg.significance.valid]))
+    def _follow_probes(self, reg, ids: list[int]) -> None:
+        """Score how each probe's maps moved since the earlier runs; note where they are now."""
+        sig = reg.significance
+        keep = (reg.maps["lfdr"] > 0).cpu().numpy()
+        z, raw = sig.z.double().cpu().numpy(), reg.attention.double().cpu().numpy()
+        moved: dict[str, list[float]] = {k: [] for k in STABILITY_KEYS}
+        for i in sig.valid.nonzero().flatten().tolist():
+            for key, value in self.probes.stability(ids[i], keep[i], z[i]).items():
+                moved[key].append(value)
+            self.probes.observe(ids[i], keep[i], z[i], self.probes.scale(ids[i]) or attention_scale(raw[i]))
+        device = self.stability.total.device
+        self.stability.update({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in moved.items()})
+
+    def _collect_pictures(self, images: Tensor, reg, ids: list[int], scores: dict[str, Tensor], stage: str) -> None:
+        sig = reg.significance
+        valid_rows = sig.valid.nonzero().flatten().tolist()
+        self._z.append((sig.z[sig.valid], sig.z_null[sig.valid]))
         for j, i in enumerate(valid_rows):
             if len(self._rows) >= self.config.log_images or reg.grid is None:
                 return
-            strip, caption = picture_row(images[i], reg, i, self.config.maps)
+            scale = self.probes.scale(ids[i]) or attention_scale(reg.attention[i].double().cpu().numpy())
+            kept = int((reg.maps["lfdr"][i] > 0).sum())
+            title = f"id {ids[i]} · {stage} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
+            picture = picture_row(images[i], reg, i, self.config.maps, title=title, scale=scale)
+            base = display_uint8(images[i])
             stats = {"id": ids[i], **{k: float(v[j]) for k, v in scores.items()}}
-            self._rows.append(PictureRow(strip, f"id {ids[i]}: {caption}", stats))
+            self._rows.append(PictureRow(picture, title, stats, base, mask_classes(reg, i, base.shape[:2])))
+            self.probes.add_history(
+                ids[i],
+                stage,
+                reg.attention[i].double().cpu().numpy().reshape(reg.grid),
+                reg.maps["lfdr"][i].double().cpu().numpy().reshape(reg.grid),
+                base,
+            )
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
             return
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
-        scores, regions, srmsd, topk_f1, counts = (_compute(m) for m in self._metrics())
-        values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts}
+        scores, regions, srmsd, topk_f1, counts, stability = (_compute(m) for m in self._metrics())
+        values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts, **stability}
         values = {f"{self.prefix}/{k}": v.float() for k, v in values.items() if torch.isfinite(v)}
         # Already reduced over ranks by torchmetrics: rank_zero_only turns Lightning's own sync (and its
         # "use sync_dist=True" warning) off, while every rank still logs the same value.
@@ -280,15 +327,28 @@ class AttentionRegularizationCallback(Callback):
                 f"{self.prefix}: the local-FDR density fit diverged for {fit_failed} image(s); their lfdr is 1 "
                 "(no lfdr discoveries), counted in lfdr_fit_failed"
             )
+        self.probes.end_run()  # a collective: every rank, every explained run
         if trainer.is_global_zero and self._rows:
             z_obs = torch.cat([z.flatten() for z, _ in self._z])
             z_null = torch.cat([z0.flatten() for _, z0 in self._z])
-            stage = f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+            stage = _stage(trainer)
             unknown = log_pictures(trainer.loggers, self._rows, z_obs, z_null, trainer.global_step, stage, self.prefix)
             if unknown and not self._warned_loggers:
                 warn_unknown(unknown)
                 self._warned_loggers = True
         self._rows, self._z = [], []
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        followed = [(i, r) for i, r in self.probes.records.items() if r.history and r.image is not None]
+        pictures = [
+            (evolution_picture(r.image, r.history, r.scale, title=f"id {i}"), f"id {i}: raw and lfdr maps by run")
+            for i, r in followed[: self.config.log_images]
+        ]
+        if pictures:
+            log_evolution(trainer.loggers, pictures, trainer.global_step, self.prefix)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -297,6 +357,7 @@ class AttentionRegularizationCallback(Callback):
             "explained_total": self.explained_total,
             "skipped_total": self.skipped_total,
             "validation_runs": self.validation_runs,
+            "probes": self.probes.state_dict(),
         }
 
     @override
@@ -310,3 +371,4 @@ class AttentionRegularizationCallback(Callback):
         self.explained_total = state_dict["explained_total"]
         self.skipped_total = state_dict["skipped_total"]
         self.validation_runs = state_dict.get("validation_runs", 0)
+        self.probes.load_state_dict(state_dict.get("probes", {}))

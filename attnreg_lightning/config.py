@@ -60,6 +60,7 @@ class AttnRegConfig:
     all_channels: bool = True
     patch_size: Optional[int] = None  # noqa: UP045
     normalization: Optional[str] = None  # noqa: UP045
+    probe_ids: Optional[list[int]] = None  # noqa: UP045
     name: str = "attnreg"
 
     def __post_init__(self) -> None:
@@ -112,6 +113,12 @@ class AttnRegConfig:
             "normalization",
             self.normalization,
             f"need null or one of {sorted(NORMALIZATIONS)}",
+        )
+        _require(
+            self.probe_ids is None or (len(self.probe_ids) > 0 and all(_is_int(i) for i in self.probe_ids)),
+            "probe_ids",
+            self.probe_ids,
+            "need null or a non-empty list of sample ids (ints)",
         )
         _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,

@@ -14,7 +14,9 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")  # under the callback's prefix
+# under the callback's prefix
+IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")
+MASK_KEY, EVOLUTION_KEY = "significance", "evolution"
 
 
 @dataclass
@@ -24,6 +26,8 @@ class PictureRow:
     image: np.ndarray  # uint8 [H, W, 3]
     caption: str
     stats: dict[str, float] = field(default_factory=dict)
+    input: np.ndarray | None = None  # uint8 [H', W', 3], the input as drawn
+    mask: np.ndarray | None = None  # uint8 [H', W'] classes of viz.MASK_CLASSES over ``input``
 
 
 def log_pictures(
@@ -57,15 +61,43 @@ def warn_unknown(names: list[str]) -> None:
     rank_zero_warn(f"attnreg: logger(s) {sorted(set(names))} take scalars only; pictures are not logged to them")
 
 
+def log_evolution(loggers: list[Logger], pictures: list[tuple[np.ndarray, str]], step: int, prefix: str) -> None:
+    """The end-of-fit evolution pictures (``(uint8 [H, W, 3], caption)``) to every logger that takes images."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            images = [wandb.Image(image, caption=caption) for image, caption in pictures]
+            logger.log_metrics({f"{prefix}/{EVOLUTION_KEY}": images}, step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            for i, (image, _) in enumerate(pictures):
+                logger.experiment.add_image(f"{prefix}/{EVOLUTION_KEY}/{i}", image, step, dataformats="HWC")
+        elif isinstance(logger, CSVLogger):
+            rows = [PictureRow(image, caption) for image, caption in pictures]
+            _to_png(Path(logger.log_dir) / prefix, rows, EVOLUTION_KEY)
+
+
 def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix) -> None:
     import wandb
+
+    from attnreg_lightning.viz import MASK_CLASSES
 
     # The table holds numbers only: images in it would be encoded and stored a second time.
     columns = ["stage", *rows[0].stats] if rows else ["stage"]
     table = wandb.Table(columns=columns, data=[[stage, *r.stats.values()] for r in rows])
-    images = [wandb.Image(r.image, caption=f"{stage}, {r.caption}") for r in rows]
+    images = [wandb.Image(r.image, caption=r.caption) for r in rows]
+    # the thresholded maps as toggleable overlays on the input (W&B's mask viewer); continuous maps above
+    overlays = [
+        wandb.Image(
+            r.input, caption=r.caption, masks={"significance": {"mask_data": r.mask, "class_labels": MASK_CLASSES}}
+        )
+        for r in rows
+        if r.mask is not None
+    ]
+    media = {f"{prefix}/{MASK_KEY}": overlays} if overlays else {}
     logger.log_metrics(
         {
+            **media,
             f"{prefix}/{IMAGE_KEY}": images,
             f"{prefix}/{TABLE_KEY}": table,
             f"{prefix}/{HIST_KEYS[0]}": wandb.Histogram(z_observed.float().cpu().numpy()),

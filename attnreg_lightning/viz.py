@@ -1,21 +1,30 @@
-"""Pictures of regularized attention as uint8 arrays; no knowledge of any logger.
+"""Pictures of regularized attention as uint8 arrays, titled and with colour bars; no knowledge of any logger.
 
-A row per explained image: the input, then each map as a colour overlay on a grey copy of it. Attention
-panels (raw and regularized) share the raw map's colour scale (its min to its max), so what regularization
-removed or shrank shows as dark.
+A row per explained image: the input, raw attention, z, -log10 p, lfdr, then each regularized map. Every
+panel carries its title and a colour bar, so the picture reads without a caption. Attention panels (raw and
+regularized) share one scale per image (``scale``: kept fixed across epochs by the callback, so change is
+visible); a token a map removed is drawn in :data:`REMOVED_COLOUR`, apart from a kept token of low attention.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
-from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from attnreg_lightning.regularize import RegularizedAttention
 
-GAP = 2  # white pixels between panels
+REMOVED_COLOUR = "#7fd4ff"  # light cyan: not in inferno, viridis or coolwarm
+PANEL_INCHES = 1.9
+DPI = 100  # panels of ~150 px whatever the image size
+_BAR = {"orientation": "horizontal", "fraction": 0.06, "pad": 0.02, "aspect": 25}
+MASK_CLASSES = {0: "removed by p and lfdr", 1: "kept by p only", 2: "kept by lfdr only", 3: "kept by p and lfdr"}
 
 
 def to_display(image: Tensor) -> np.ndarray:
@@ -27,52 +36,135 @@ def to_display(image: Tensor) -> np.ndarray:
     return np.nan_to_num((x - lo) / (hi - lo) if hi > lo else np.zeros_like(x))
 
 
-def overlay(
-    base: np.ndarray, token_map: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno", alpha: float = 0.6
+def attention_scale(raw: np.ndarray) -> tuple[float, float]:
+    """The colour scale of an image's attention panels: its raw map's min to max."""
+    finite = raw[np.isfinite(raw)]
+    if finite.size == 0 or finite.max() <= finite.min():
+        return 0.0, 1.0
+    return float(finite.min()), float(finite.max())
+
+
+def _render(fig: Figure) -> np.ndarray:
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _removed_cmap(name: str) -> matplotlib.colors.Colormap:
+    return matplotlib.colormaps[name].with_extremes(bad=REMOVED_COLOUR)
+
+
+def _panel(fig: Figure, ax, values: np.ndarray, title: str, cmap, vmin: float, vmax: float, extent) -> None:
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", extent=extent)
+    shown = np.ma.compressed(np.ma.masked_invalid(values))
+    low, high = shown.size and shown.min() < vmin, shown.size and shown.max() > vmax
+    extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get((bool(low), bool(high)), "neither")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    bar = fig.colorbar(im, ax=ax, extend=extend, **_BAR)  # a pointed end: values beyond the scale, clipped
+    bar.ax.tick_params(labelsize=6)
+    bar.ax.xaxis.get_offset_text().set_fontsize(6)
+
+
+def picture_row(
+    image: Tensor,
+    reg: RegularizedAttention,
+    index: int,
+    maps: Sequence[str],
+    title: str = "",
+    scale: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Colour a ``[h, w]`` token map (nearest-upsampled) over the grey of ``base [H, W, 3]``; float in [0, 1]."""
-    big_h, big_w = base.shape[:2]
-    h, w = token_map.shape
-    up = np.kron(token_map, np.ones((big_h // h, big_w // w)))
-    scaled = np.clip((up - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(up), 0, 1)
-    colour = colormaps[cmap](np.nan_to_num(scaled))[..., :3]
-    grey = base.mean(axis=2, keepdims=True)
-    return (1 - alpha) * grey + alpha * colour
+    """One uint8 ``[H, W, 3]`` picture of image ``index``: titled panels with colour bars.
 
-
-def panels(image: Tensor, reg: RegularizedAttention, index: int, maps: Sequence[str]) -> dict[str, np.ndarray]:
-    """Named float ``[H, W, 3]`` panels for image ``index`` of ``reg``."""
+    ``scale`` is the attention panels' colour range (default: this raw map's :func:`attention_scale`);
+    values beyond it are clipped, the colour bar saying so by its pointed end.
+    """
     if reg.grid is None:
         raise ValueError("reg has no token grid: it can't be drawn")
-    base = to_display(image)
     sig = reg.significance
 
     def grid(values: Tensor) -> np.ndarray:
-        return values[index].detach().float().cpu().numpy().reshape(reg.grid)
+        return values[index].detach().double().cpu().numpy().reshape(reg.grid)
 
     raw = grid(reg.attention)
-    finite = np.isfinite(raw).any()
-    bottom, top = (float(np.nanmin(raw)), float(np.nanmax(raw))) if finite else (0.0, 1.0)
-    pool = 1 + sig.z_null.shape[1]  # p >= 1 / (T (N + 1)) unless a token beats the whole pool
+    lo, hi = scale if scale is not None else attention_scale(raw)
+    pool = (1 + sig.z_null.shape[1]) * raw.size  # p >= 1 / pool unless a token beats the whole pool
     z = grid(sig.z)
     zmax = max(float(np.abs(z).max()), 1e-6)
-    out = {
-        "input": base,
-        "raw": overlay(base, raw, bottom, top),
-        "z": overlay(base, z, -zmax, zmax, cmap="coolwarm"),
-        "-log10 p": overlay(base, -np.log10(np.clip(grid(sig.p), 1e-12, 1)), 0.0, np.log10(pool * raw.size)),
-        "lfdr": overlay(base, grid(sig.lfdr), 0.0, 1.0, cmap="viridis_r"),
-    }
+    base = to_display(image)
+    extent = (0, base.shape[1], base.shape[0], 0)  # token maps drawn over the image's pixels
+    inferno_removed = _removed_cmap("inferno")
+    panels = [
+        ("raw attention", raw, "inferno", lo, hi),
+        ("z (log scale)", z, "coolwarm", -zmax, zmax),
+        ("-log10 p", -np.log10(np.clip(grid(sig.p), 1e-300, 1)), "magma", 0.0, float(np.log10(pool))),
+        ("local FDR", grid(sig.lfdr), "viridis_r", 0.0, 1.0),
+    ]
     for name in maps:
-        out[f"{name} map"] = overlay(base, grid(reg.maps[name]), bottom, top)
-    return out
+        kept = grid(reg.maps[name])
+        shown = np.ma.masked_where(kept <= 0, kept)  # removed: the "bad" colour, not the low end of the scale
+        panels.append((f"{name} map", shown, inferno_removed, lo, hi))
+    fig = Figure(figsize=(PANEL_INCHES * (1 + len(panels)), PANEL_INCHES * 1.3), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 1 + len(panels))
+    axes[0].imshow(base, interpolation="nearest")
+    axes[0].set_title("input", fontsize=8)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    fig.colorbar(
+        matplotlib.cm.ScalarMappable(cmap=ListedColormap(["white"])),
+        ax=axes[0],
+        orientation="horizontal",
+        fraction=0.05,
+        pad=0.03,
+    ).ax.set_visible(False)  # keeps the input panel the size of the others
+    for ax, (title_, values, cmap, vmin, vmax) in zip(axes[1:], panels, strict=True):
+        _panel(fig, ax, values, title_, cmap, vmin, vmax, extent)
+    fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the map", fontsize=9)
+    return _render(fig)
 
 
-def picture_row(image: Tensor, reg: RegularizedAttention, index: int, maps: Sequence[str]) -> tuple[np.ndarray, str]:
-    """One uint8 ``[H, W', 3]`` strip of panels for image ``index``, and a caption naming them left to right."""
-    named = panels(image, reg, index, maps)
-    tiles = list(named.values())
-    h = tiles[0].shape[0]
-    gap = np.ones((h, GAP, 3))
-    strip = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
-    return (np.clip(strip, 0, 1) * 255).round().astype(np.uint8), " | ".join(named)
+def mask_classes(reg: RegularizedAttention, index: int, size: tuple[int, int]) -> np.ndarray:
+    """Integer ``[H, W]`` classes of :data:`MASK_CLASSES` for image ``index`` (tokens nearest-upsampled)."""
+    if reg.grid is None:
+        raise ValueError("reg has no token grid: it can't be drawn")
+    p_kept = (reg.significance.p[index] <= reg.thresholds.p_th) & (reg.significance.z[index] >= reg.thresholds.z_th)
+    lfdr_kept = reg.maps["lfdr"][index] > 0
+    classes = (p_kept.long() + 2 * lfdr_kept.long()).cpu().numpy().reshape(reg.grid).astype(np.uint8)
+    return np.kron(classes, np.ones((size[0] // reg.grid[0], size[1] // reg.grid[1]), dtype=np.uint8))
+
+
+def display_uint8(image: Tensor, min_size: int = 128) -> np.ndarray:
+    """The input as uint8 ``[H', W', 3]``, nearest-upsampled by a whole factor to at least ``min_size`` px."""
+    base = to_display(image)
+    k = max(1, -(-min_size // min(base.shape[:2])))
+    return (np.kron(base, np.ones((k, k, 1))) * 255).round().astype(np.uint8)
+
+
+def evolution_picture(
+    base: np.ndarray,
+    history: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    scale: tuple[float, float],
+    title: str = "",
+) -> np.ndarray:
+    """How one image's maps moved over training: its raw (top) and lfdr (bottom) maps at every explained
+    run side by side, titled by run (``history``: ``(label, raw [h, w], lfdr map [h, w])``), one colour
+    scale; ``base`` is the input as drawn (:func:`display_uint8`)."""
+    extent = (0, base.shape[1], base.shape[0], 0)
+    cols = len(history)
+    fig = Figure(figsize=(PANEL_INCHES * (1 + cols), PANEL_INCHES * 2.5), dpi=DPI, layout="constrained")
+    axes = np.asarray(fig.subplots(2, 1 + cols)).reshape(2, 1 + cols)
+    for row in range(2):
+        axes[row, 0].imshow(base, interpolation="nearest")
+        axes[row, 0].set_title("input", fontsize=8)
+        axes[row, 0].set_xticks([])
+        axes[row, 0].set_yticks([])
+    cmap = _removed_cmap("inferno")
+    for j, (label, raw, lfdr_map) in enumerate(history, start=1):
+        _panel(fig, axes[0, j], raw, f"raw, {label}", "inferno", *scale, extent)
+        shown = np.ma.masked_where(lfdr_map <= 0, lfdr_map)
+        _panel(fig, axes[1, j], shown, f"lfdr map, {label}", cmap, *scale, extent)
+    for row in range(2):  # the input panels take colour-bar room too, so all panels are one size
+        fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=axes[row, 0], **_BAR).ax.set_visible(False)
+    fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the lfdr map", fontsize=9)
+    return _render(fig)

@@ -89,9 +89,12 @@ def test_fit_logs_every_promised_metric(tmp_path):
     shares = [float(r[k]) for r in epochs for k in r if k.endswith(("_mass", "_kept")) and r[k]]
     assert shares and all(0 <= v <= 1 for v in shares)
     # CSV logger: pictures as PNG under the log dir, named by global step (8 batches an epoch) and stage
-    pngs = sorted((Path(logger.log_dir) / "attnreg").glob("*.png"))
+    pngs = sorted((Path(logger.log_dir) / "attnreg").glob("step*.png"))
     want = [f"step{8 * (e + 1):07d}_epoch{e}_image{i}.png" for e in range(2) for i in range(2)]
     assert [p.name for p in pngs] == want
+    # and at the end of fit, how each pictured probe's maps moved
+    evolution = sorted(p.name for p in (Path(logger.log_dir) / "attnreg").glob("evolution*.png"))
+    assert evolution == ["evolution_image0.png", "evolution_image1.png"]
     assert cb.explained_total == 12
 
 
@@ -135,7 +138,7 @@ def test_every_n_epochs_counts_validation_runs(tmp_path, trainer_kw, every, expl
     epochs = [int(r["epoch"]) for r in _read_csv(logger) if r.get("attnreg/explained")]
     assert epochs == explained_at
     # pictures of every explained run survive: named by global step, none overwritten
-    assert len(list((Path(logger.log_dir) / "attnreg").glob("*.png"))) == len(explained_at)
+    assert len(list((Path(logger.log_dir) / "attnreg").glob("step*.png"))) == len(explained_at)
 
 
 def test_state_round_trips_through_a_checkpoint(tmp_path):
@@ -305,7 +308,7 @@ def test_validate_after_fit_is_labelled_validate_not_a_phantom_epoch(tmp_path):
     module, data = tiny_module(), tiny_data()
     trainer.fit(module, data)
     trainer.validate(module, data, verbose=False)
-    names = sorted(p.name for p in (Path(logger.log_dir) / "attnreg").glob("*.png"))
+    names = sorted(p.name for p in (Path(logger.log_dir) / "attnreg").glob("step*.png"))
     assert names == ["step0000001_epoch0_image0.png", "step0000001_validate_image0.png"]
 
 
@@ -433,7 +436,9 @@ def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
             callbacks.append(
                 LambdaCallback(on_train_epoch_end=lambda trainer, _: setattr(trainer, "should_stop", True))
             )
-        _trainer(root, callbacks, False, max_epochs=3).fit(tiny_module(), _InOrder(), ckpt_path=ckpt_path)
+        trainer = _trainer(root, callbacks, False, max_epochs=3)
+        trainer.fit(tiny_module(), _InOrder(), ckpt_path=ckpt_path)
+        cb.logged = dict(trainer.callback_metrics)
         return cb
 
     whole = run(tmp_path / "whole")
@@ -447,6 +452,9 @@ def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
         assert torch.equal(b.attention, a.attention)  # trained alike
         assert torch.equal(b.significance.z_null, a.significance.z_null)
         assert all(torch.equal(b.maps[name], a.maps[name]) for name in a.maps)
+    # the probes' records came with the checkpoint: the resumed run compares with the first run's maps
+    for key in ("attnreg/stability/lfdr_iou", "attnreg/stability/z_spearman", "attnreg/stability/lfdr_iou_first"):
+        assert resumed.logged[key] == whole.logged[key], key
 
 
 def test_diverged_density_fits_and_clamped_values_are_counted(tmp_path):

@@ -1,0 +1,169 @@
+"""Probe images and how their maps move: the same images every explained run, stability metrics, evolution."""
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from scipy import stats as sps
+from torch.utils.data import DataLoader
+
+from attnreg_lightning import AttentionRegularizationCallback
+from attnreg_lightning.engine import AttentionRegularizer
+from attnreg_lightning.probes import average_ranks, iou, spearman
+from tests.helpers import tiny_data, tiny_module
+
+STABILITY = ["attnreg/stability/lfdr_iou", "attnreg/stability/z_spearman", "attnreg/stability/lfdr_iou_first"]
+
+
+def test_iou_and_spearman_by_hand_and_against_scipy():
+    a = np.array([1, 1, 0, 0, 1], bool)
+    b = np.array([1, 0, 0, 1, 1], bool)
+    assert iou(a, b) == 2 / 4 and iou(a, a) == 1.0
+    assert iou(np.zeros(5, bool), np.zeros(5, bool)) == 1.0  # both empty: they agree
+    rng = np.random.default_rng(0)
+    x, y = np.round(rng.normal(size=50), 1), np.round(rng.normal(size=50), 1)  # with ties
+    np.testing.assert_array_equal(average_ranks(x), sps.rankdata(x))
+    assert spearman(x, y) == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert np.isnan(spearman(x, np.ones(50)))
+
+
+class ShuffledVal(L.LightningDataModule):
+    """The tiny shapes data with validation batches in a new order every epoch (ids carried)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_data()
+
+    def setup(self, stage=None):
+        self.inner.setup(stage)
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
+
+    def val_dataloader(self):
+        return DataLoader(self.inner.val_set, batch_size=8, shuffle=True)
+
+
+class _SeenIds(AttentionRegularizationCallback):
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.ids_by_epoch: dict[int, list[int]] = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        super().on_validation_epoch_start(trainer, pl_module)
+        engine = self.engine
+        if not isinstance(engine, AttentionRegularizer):
+            return
+
+        def explain(images, sample_ids=None):
+            self.ids_by_epoch.setdefault(trainer.current_epoch, []).extend(sample_ids)
+            return engine(images, sample_ids=sample_ids)
+
+        self.engine = explain
+        self.engine.model = engine.model
+
+
+def _fit(tmp_path, data, **knobs):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = _SeenIds(n_bootstrap=3, num_images=6, log_images=2, **knobs)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_train_batches=2,
+    )
+    L.seed_everything(0)
+    trainer.fit(tiny_module(), data)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("attnreg/explained")]
+    return cb, rows, Path(logger.log_dir)
+
+
+def test_shuffled_validation_explains_the_same_probe_ids_and_logs_how_their_maps_move(tmp_path):
+    cb, rows, log_dir = _fit(tmp_path, ShuffledVal())
+    first = cb.ids_by_epoch[0]
+    assert len(first) == 6
+    assert [sorted(cb.ids_by_epoch[e]) for e in range(3)] == [sorted(first)] * 3
+    assert cb.ids_by_epoch[1] != first or cb.ids_by_epoch[2] != first  # the loader did shuffle them
+    assert len(rows) == 3
+    assert not any(rows[0].get(k) for k in STABILITY)  # nothing to compare with at the first run
+    for r in rows[1:]:
+        iou_prev, rho, iou_first = (float(r[k]) for k in STABILITY)
+        assert 0 <= iou_prev <= 1 and 0 <= iou_first <= 1 and -1 <= rho <= 1
+        assert rho > 0.3  # a tiny model trained two steps: its z ranking moves little
+    assert float(rows[1]["attnreg/stability/lfdr_iou"]) == float(rows[1]["attnreg/stability/lfdr_iou_first"])
+    assert sorted(p.name for p in (log_dir / "attnreg").glob("evolution*.png")) == [
+        "evolution_image0.png",
+        "evolution_image1.png",
+    ]
+
+
+def test_explicit_probe_ids_are_found_wherever_they_are(tmp_path):
+    data = ShuffledVal()
+    data.setup()
+    wanted = [int(data.inner.val_set[i][3]) for i in (20, 3, 11)]
+    cb, rows, _ = _fit(tmp_path, data, probe_ids=wanted)
+    assert [sorted(cb.ids_by_epoch[e]) for e in range(3)] == [sorted(wanted)] * 3
+    assert all(float(r["attnreg/explained"]) == 3 for r in rows)
+
+
+def test_stability_scores_are_what_the_maps_say(tmp_path):
+    """The logged IoU and Spearman recomputed from the maps the engine gave at the two runs."""
+    maps: dict[int, dict[int, tuple]] = {}
+
+    class Keep(_SeenIds):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            super().on_validation_epoch_start(trainer, pl_module)
+            inner = self.engine
+
+            def explain(images, sample_ids=None):
+                reg = inner(images, sample_ids=sample_ids)
+                for j, i in enumerate(sample_ids):
+                    keep = (reg.maps["lfdr"][j] > 0).numpy()
+                    maps.setdefault(trainer.current_epoch, {})[i] = (keep, reg.significance.z[j].double().numpy())
+                return reg
+
+            self.engine = explain
+            self.engine.model = inner.model
+
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = Keep(n_bootstrap=3, num_images=6, log_images=0)
+    L.seed_everything(0)
+    module = tiny_module()
+    with torch.no_grad():  # sharper attention than a fresh model's near-uniform one
+        for block in module.vit.blocks:
+            block.attn.qkv.weight.mul_(4)
+    L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_train_batches=3,
+    ).fit(module, tiny_data())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        last = [r for r in csv.DictReader(f) if r.get("attnreg/explained")][-1]
+
+    def mean_iou(now, then):
+        def one(a, b):
+            union = np.logical_or(a, b).sum()
+            return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+        return np.mean([one(maps[now][i][0], maps[then][i][0]) for i in maps[0]])
+
+    rhos = [sps.spearmanr(maps[2][i][1], maps[1][i][1]).statistic for i in maps[0]]
+    assert float(last["attnreg/stability/lfdr_iou"]) == pytest.approx(mean_iou(2, 1), rel=1e-6)
+    assert float(last["attnreg/stability/lfdr_iou_first"]) == pytest.approx(mean_iou(2, 0), rel=1e-6)
+    assert float(last["attnreg/stability/z_spearman"]) == pytest.approx(np.mean(rhos), rel=1e-6)
+    assert mean_iou(2, 1) != mean_iou(2, 0)  # the maps did move, and differently since the first run
