@@ -293,7 +293,8 @@ class AttentionRegularizationCallback(Callback):
                 return
             scale = self.probes.scale(ids[i]) or attention_scale(reg.attention[i].double().cpu().numpy())
             kept = int((reg.maps["lfdr"][i] > 0).sum())
-            title = f"id {ids[i]} · {stage} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
+            run = stage.replace("epoch", "epoch ")
+            title = f"id {ids[i]} · {run} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
             picture = picture_row(images[i], reg, i, self.config.maps, title=title, scale=scale)
             base = display_uint8(images[i])
             stats = {"id": ids[i], **{k: float(v[j]) for k, v in scores.items()}}

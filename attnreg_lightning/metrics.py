@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -67,6 +68,31 @@ def topk_f1_curve(x: Tensor, region: Tensor, points: int) -> Tensor:
     hits = torch.cat([torch.zeros_like(ranked[:, :1]), ranked.cumsum(1)], 1)  # hits among the top-k, k = 0..T
     k = torch.linspace(0, 1, points, device=x.device, dtype=torch.float64).mul(t).round().long()
     return 2 * hits[:, k] / (k.to(torch.float64)[None] + region.sum(1, keepdim=True))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean token sets; 1 when both are empty (they agree)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x``, ties sharing their mean rank (as ``scipy.stats.rankdata``)."""
+    order = np.argsort(x, kind="stable")
+    s = x[order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], x.size]
+    ranks = np.empty(x.size)
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(new) - 1]
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation; NaN when either side is constant (no ranking to compare)."""
+    ra, rb = average_ranks(a) - (a.size + 1) / 2, average_ranks(b) - (b.size + 1) / 2
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float("nan") if denom == 0 else float((ra * rb).sum() / denom)
 
 
 def score_keys(maps: Sequence[str]) -> list[str]:

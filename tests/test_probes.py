@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from attnreg_lightning import AttentionRegularizationCallback
 from attnreg_lightning.engine import AttentionRegularizer
-from attnreg_lightning.probes import average_ranks, iou, spearman
+from attnreg_lightning.metrics import average_ranks, iou, spearman
 from tests.helpers import tiny_data, tiny_module
 
 STABILITY = ["attnreg/stability/lfdr_iou", "attnreg/stability/z_spearman", "attnreg/stability/lfdr_iou_first"]
