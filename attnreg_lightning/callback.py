@@ -6,13 +6,15 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
@@ -20,7 +22,7 @@ from typing_extensions import override
 from attnreg_lightning.attention import check_model, resolve_vit
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
-from attnreg_lightning.loggers import PictureRow, log_evolution, log_pictures, warn_unknown
+from attnreg_lightning.loggers import PictureRow, log_evolution, log_pictures, log_report, warn_unknown
 from attnreg_lightning.metrics import (
     Counts,
     MeanScores,
@@ -32,6 +34,7 @@ from attnreg_lightning.metrics import (
     token_mask,
 )
 from attnreg_lightning.probes import STABILITY_KEYS, ProbeBook
+from attnreg_lightning.report import write_report
 from attnreg_lightning.stats import null_pvalues
 from attnreg_lightning.viz import attention_scale, display_uint8, evolution_picture, mask_classes, picture_row
 
@@ -153,6 +156,9 @@ class AttentionRegularizationCallback(Callback):
         self._position = 0
         self._explained_ids: set[int] = set()
         self._rows: list[PictureRow] = []
+        self._last_rows: list[PictureRow] = []
+        self.history: list[dict[str, Any]] = []  # each explained run's logged values, for the report
+        self.image_stats: list[dict[str, Any]] = []  # this run's per-image scores on this rank
         self._z: list[tuple[Tensor, Tensor]] = []
         self._warned_loggers = False
         self._logged_config = False
@@ -194,6 +200,7 @@ class AttentionRegularizationCallback(Callback):
             self._active = True
         self._seen = self._position = 0
         self._explained_ids = set()
+        self.image_stats = []
         self._rows, self._z = [], []
         for metric in self._metrics():
             metric.to(pl_module.device).reset()
@@ -263,6 +270,8 @@ class AttentionRegularizationCallback(Callback):
         if roi is not None:
             self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
         self._follow_probes(reg, ids)
+        valid_ids = [ids[i] for i in valid.nonzero().flatten().tolist()]
+        self.image_stats += [{"id": i, **{k: float(v[j]) for k, v in scores.items()}} for j, i in enumerate(valid_ids)]
         if trainer.is_global_zero:
             self._collect_pictures(images, reg, ids, scores, _stage(trainer))
 
@@ -318,6 +327,7 @@ class AttentionRegularizationCallback(Callback):
         # Already reduced over ranks by torchmetrics: rank_zero_only turns Lightning's own sync (and its
         # "use sync_dist=True" warning) off, while every rank still logs the same value.
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
+        self.history.append({"stage": _stage(trainer), **{k: float(v) for k, v in values.items()}})
         explained, degenerate, failed, fit_failed = (int(counts[k]) for k in self.COUNT_KEYS[:4])
         self.explained_total += explained
         self.skipped_total += degenerate + failed
@@ -337,19 +347,37 @@ class AttentionRegularizationCallback(Callback):
             if unknown and not self._warned_loggers:
                 warn_unknown(unknown)
                 self._warned_loggers = True
+            self._last_rows = self._rows
         self._rows, self._z = [], []
 
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def evolution_pictures(self) -> list[tuple[np.ndarray, str]]:
+        """How each pictured probe's raw and lfdr maps moved over the explained runs (up to ``log_images``)."""
         followed = [(i, r) for i, r in self.probes.records.items() if r.history and r.image is not None]
-        pictures = [
+        return [
             (evolution_picture(r.image, r.history, r.scale, title=f"id {i}"), f"id {i}: raw and lfdr maps by run")
             for i, r in followed[: self.config.log_images]
         ]
-        if pictures:
-            log_evolution(trainer.loggers, pictures, trainer.global_step, self.prefix)
+
+    def write_report(self, path: str | Path, evolution: list[tuple[np.ndarray, str]] | None = None) -> Path:
+        """The HTML report of the runs explained so far (see :mod:`attnreg_lightning.report`)."""
+        pictures = (self.evolution_pictures() if evolution is None else evolution) + [
+            (r.image, r.caption) for r in self._last_rows
+        ]
+        config = {self.prefix: dataclasses.asdict(self.config)}
+        return write_report(path, self.history, pictures, config, self.prefix, title=f"{self.prefix}: report")
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        evolution = self.evolution_pictures()
+        if evolution:
+            log_evolution(trainer.loggers, evolution, trainer.global_step, self.prefix)
+        checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+        folder = Path(checkpoints) if checkpoints else Path(trainer.default_root_dir)
+        report = self.write_report(folder / f"{self.prefix}_report.html", evolution)
+        log_report(trainer.loggers, report)
+        rank_zero_info(f"{self.prefix}: report written to {report}")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -359,6 +387,7 @@ class AttentionRegularizationCallback(Callback):
             "skipped_total": self.skipped_total,
             "validation_runs": self.validation_runs,
             "probes": self.probes.state_dict(),
+            "history": self.history,
         }
 
     @override
@@ -373,3 +402,4 @@ class AttentionRegularizationCallback(Callback):
         self.skipped_total = state_dict["skipped_total"]
         self.validation_runs = state_dict.get("validation_runs", 0)
         self.probes.load_state_dict(state_dict.get("probes", {}))
+        self.history = list(state_dict.get("history", []))

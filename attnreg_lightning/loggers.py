@@ -77,6 +77,13 @@ def log_evolution(loggers: list[Logger], pictures: list[tuple[np.ndarray, str]],
             _to_png(Path(logger.log_dir) / prefix, rows, EVOLUTION_KEY)
 
 
+def log_report(loggers: list[Logger], path: Path) -> None:
+    """The HTML report as a file of the W&B run (the others find it beside the checkpoints)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+
+
 def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix) -> None:
     import wandb
 

@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from scipy import stats as sps
 from torch.utils.data import DataLoader
@@ -75,11 +76,11 @@ def _fit(tmp_path, data, **knobs):
         max_epochs=3,
         accelerator="cpu",
         logger=logger,
-        callbacks=[cb],
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         limit_train_batches=2,
+        default_root_dir=tmp_path,
+        callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "checkpoints")],
     )
     L.seed_everything(0)
     trainer.fit(tiny_module(), data)
@@ -105,6 +106,20 @@ def test_shuffled_validation_explains_the_same_probe_ids_and_logs_how_their_maps
         "evolution_image0.png",
         "evolution_image1.png",
     ]
+
+
+def test_end_of_fit_report_beside_the_checkpoints(tmp_path):
+    from attnreg_lightning.report import HEADLINE
+
+    cb, rows, _ = _fit(tmp_path, tiny_data(noise_squares=1))
+    page = (tmp_path / "checkpoints" / "attnreg_report.html").read_text()
+    for key in HEADLINE:  # every headline metric, named and defined
+        assert f"attnreg/{key}" in page
+    # the plots by run, two evolution pictures and the two rows of the last run, embedded
+    assert page.count("data:image/png;base64,") == 1 + 2 + 2
+    assert "epoch0, epoch1, epoch2" in page and "&quot;n_bootstrap&quot;: 3" in page
+    last = f"{float(rows[-1]['attnreg/lfdr/noise_kept']):.4g}"
+    assert f"<td>{last}</td>" in page  # the last run's value, as logged
 
 
 def test_explicit_probe_ids_are_found_wherever_they_are(tmp_path):

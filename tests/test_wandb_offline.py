@@ -1,5 +1,6 @@
 """W&B for real, offline: the run's transaction log is read back from disk (no network, no account)."""
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -58,3 +59,12 @@ def test_callback_logs_metrics_images_table_and_histograms(tmp_path, monkeypatch
         assert r["attnreg/z_observed/_type"] == "histogram"
         assert sum(r["attnreg/z_null/values"]) == 4 * 3 * 36  # explained images x N x tokens
         assert r["trainer/global_step"] in (2, 4)
+        # the thresholded maps as toggleable mask overlays on the input
+        assert r["attnreg/significance/_type"] == "images/separated" and r["attnreg/significance/count"] == 2
+        assert "significance" in json.dumps(r["attnreg/significance/all_masks"])
+        titles = r["attnreg/maps/captions"]
+        assert all(c.startswith("id ") and "epoch " in c and "pi0" in c for c in titles)
+    (evolution,) = [r for r in rows if "attnreg/evolution/_type" in r]
+    assert evolution["attnreg/evolution/count"] == 2
+    # the end-of-fit report is a file of the run
+    assert list(tmp_path.glob("wandb/*/files/attnreg_report.html"))
