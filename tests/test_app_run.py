@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +171,54 @@ def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path):
     assert state["global_step"] == 6  # 3 steps an epoch: a second epoch on top of the first run's one
     (cb_state,) = [v for k, v in state["callbacks"].items() if "AttentionRegularizationCallback" in k]
     assert cb_state["validation_runs"] == 2 and cb_state["explained_total"] == 16  # the count carried over
+
+
+def run_explain(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "explain.py"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_explain_a_checkpoint_on_its_validation_images_and_on_a_folder(tmp_path):
+    from PIL import Image
+
+    _ok(run_app(tmp_path, *TINY, "logger=csv", f"hydra.run.dir={tmp_path / 'train'}"))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    knobs = ["data.image_size=48", "attnreg.num_images=6", "attnreg.log_images=2", "attnreg.n_bootstrap=3"]
+    proc = run_explain(tmp_path, f"ckpt_path={ckpt}", *knobs, f"hydra.run.dir={tmp_path / 'val'}")
+    _ok(proc)
+    out = tmp_path / "val"
+    stats = json.loads((out / "explain_stats.json").read_text())
+    assert len(stats) == 6 and all(0 <= s["lfdr/sparsity"] <= 1 for s in stats)
+    assert len({s["id"] for s in stats}) == 6
+    assert len(list((out / "attnreg").glob("*_validate_image*.png"))) == 2
+    assert "attnreg/lfdr/roi_kept" in (out / "attnreg_report.html").read_text()
+
+    folder = tmp_path / "pngs" / "nested"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(folder / f"x{i}.png")
+    proc = run_explain(
+        tmp_path,
+        f"ckpt_path={ckpt}",
+        f"images={tmp_path / 'pngs'}",
+        *knobs,
+        "batch_size=2",
+        f"hydra.run.dir={tmp_path / 'folder'}",
+    )
+    _ok(proc)
+    stats = json.loads((tmp_path / "folder" / "explain_stats.json").read_text())
+    assert [Path(s["path"]).name for s in stats] == [f"x{i}.png" for i in range(5)]  # every file, in order
+
+    proc = run_explain(tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert proc.returncode != 0 and "ckpt_path=" in proc.stderr and "no such file" in proc.stderr
+    (tmp_path / "not_a.ckpt").write_bytes(b"garbage")
+    proc = run_explain(tmp_path, f"ckpt_path={tmp_path / 'not_a.ckpt'}", f"hydra.run.dir={tmp_path / 'bad2'}")
+    assert proc.returncode != 0 and "is not a checkpoint of attnreg_lightning's ViTClassifier" in proc.stderr

@@ -125,3 +125,26 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageFiles(Dataset):
+    """Every image file under ``root`` (any depth, sorted by path), for explaining without labels: items are
+    dicts with ``image`` and ``id`` (the file's place in that order), ``paths`` names them."""
+
+    def __init__(self, root: str | Path, model_name: str, image_size: int) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"images={str(root)!r} is not a folder")
+        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise ValueError(f"images={str(root)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.transform = model_transform(model_name, image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.transform(Image.open(self.paths[index]).convert("RGB")), "id": index}

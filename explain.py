@@ -1,0 +1,101 @@
+"""Explain a trained checkpoint's attention without training (Hydra app, the same ``conf/`` as train.py).
+
+python explain.py ckpt_path=outputs/train/<time>/checkpoints/last.ckpt            # its validation images
+python explain.py ckpt_path=... images=/path/to/pngs                              # a folder of images
+python explain.py ckpt_path=... data=image_folder data.root=/data/imagenette data.num_classes=10
+
+Writes into the run folder: ``attnreg/*.png`` (titled pictures), ``metrics.csv``, ``explain_stats.json``
+(per-image statistics) and ``attnreg_report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
+from attnreg_lightning.config import register_configs
+from attnreg_lightning.data.folder import ImageFiles
+from attnreg_lightning.models import ViTClassifier
+
+register_configs()
+
+
+class Explained(L.LightningModule):
+    """The checkpoint's ViT, validated for the callback alone: no labels needed, no loss computed."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        return None
+
+
+def load_checkpoint(path: str) -> ViTClassifier:
+    """The checkpoint's model; a missing file or another kind of checkpoint is named in the error."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path!r}: no such file")
+    try:
+        # a checkpoint the user names is trusted, as Lightning's own loading trusts it
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        # the weights are the checkpoint's: nothing to download or read besides it
+        model = ViTClassifier(**{**state["hyper_parameters"], "pretrained": False, "checkpoint_path": None})
+        model.load_state_dict(state["state_dict"])
+        return model
+    except Exception as err:
+        raise ValueError(
+            f"ckpt_path={path!r} is not a checkpoint of attnreg_lightning's ViTClassifier (train.py writes them): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def explain(cfg: DictConfig) -> Path:
+    attnreg = AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
+    L.seed_everything(cfg.seed)
+    output_dir = Path(cfg.paths.output_dir)
+    model = load_checkpoint(cfg.ckpt_path)
+    if cfg.images:
+        files = ImageFiles(cfg.images, model.hparams.model_name, model.vit.patch_embed.img_size[0])
+        data, batch_size = {"dataloaders": DataLoader(files, batch_size=cfg.batch_size)}, cfg.batch_size
+    else:
+        datamodule = instantiate(cfg.data, _convert_="all")
+        files, data, batch_size = None, {"datamodule": datamodule}, getattr(datamodule, "batch_size", None)
+    # the first num_images are explained: no need to validate past them
+    callback = AttentionRegularizationCallback(attnreg)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        logger=CSVLogger(output_dir, name="", version=""),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        limit_val_batches=-(-attnreg.num_images // batch_size) if batch_size else 1.0,
+    )
+    trainer.validate(Explained(model.vit), verbose=False, **data)
+    stats = callback.image_stats
+    if files is not None:
+        for row in stats:
+            row["path"] = str(files.paths[row["id"]])
+    (output_dir / "explain_stats.json").write_text(json.dumps(stats, indent=2))
+    report = callback.write_report(output_dir / f"{attnreg.name}_report.html")
+    print(f"\nexplained {len(stats)} image(s) of {cfg.ckpt_path}")
+    print(f"  pictures: {output_dir / attnreg.name}\n  per-image statistics: {output_dir / 'explain_stats.json'}")
+    print(f"  report: {report}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
+def main(cfg: DictConfig) -> None:
+    explain(cfg)
+
+
+if __name__ == "__main__":
+    main()
