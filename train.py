@@ -115,13 +115,13 @@ def _fit(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> float:
         metrics.update({k: float(v) for k, v in validated.items()})
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        report(metrics, output_dir, logger, best)
+        print_summary(metrics, output_dir, logger, best, output_dir / "checkpoints" / f"{attnreg.name}_report.html")
     if cfg.optimized_metric not in metrics:
         raise ValueError(f"optimized_metric={cfg.optimized_metric!r} was not logged; logged: {sorted(metrics)}")
     return metrics[cfg.optimized_metric]
 
 
-def report(metrics: dict[str, float], output_dir: Path, logger, best: str) -> None:
+def print_summary(metrics: dict[str, float], output_dir: Path, logger, best: str, html_report: Path) -> None:
     print("\nattnreg-lightning results")
     for key in SUMMARY_KEYS:
         if key in metrics:
@@ -129,6 +129,8 @@ def report(metrics: dict[str, float], output_dir: Path, logger, best: str) -> No
     print(f"  all metrics: {output_dir / 'metrics.json'}")
     if best:
         print(f"  best checkpoint: {best}")
+    if html_report.is_file():
+        print(f"  explanation report: {html_report}")
     if isinstance(logger, WandbLogger):
         run_dir = Path(logger.experiment.dir).parent
         print(f"  W&B run (offline): {run_dir}\n  upload it with: wandb sync {run_dir}")
