@@ -1,5 +1,6 @@
 """Bootstrap-regularized attention maps for Vision Transformers (Chung & Laletin, AISTATS 2026)."""
 
+from attnreg_lightning.attention import register_attention_reader
 from attnreg_lightning.callback import AttentionRegularizationCallback, BatchView
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
@@ -16,5 +17,6 @@ __all__ = [
     "RegularizedAttention",
     "Significance",
     "Thresholds",
+    "register_attention_reader",
     "significance",
 ]

@@ -1,11 +1,14 @@
-"""CLS-to-patch attention of a Vision Transformer's last block.
+"""CLS-to-patch attention of a Vision Transformer's last block, through a registry of readers by model family.
 
-For timm ``VisionTransformer`` models the last block is not run as a whole: every block before it runs
-as usual (fused attention untouched), and for the last one only the keys and the CLS query are projected,
-so one ``1 x T`` softmax row per head is all that is ever formed. Models that expose
-``get_last_selfattention(images) -> [B, H, T+1, T+1]`` (the DINO hub convention) are read through it.
-A LightningModule is read through the mixin protocol: ``attention_model()``, else a ``vit`` or ``backbone``
-attribute.
+A reader knows one family: ``matches(model)`` says whether it applies, ``read(model, images)`` returns the
+last block's CLS->patch attention ``[B, H, T]`` (prefix tokens removed) and ``check(model)`` raises a
+``TypeError`` naming what can't be read. Built in: timm ``VisionTransformer``, timm RoPE ViTs (EVA, EVA02)
+and models with ``get_last_selfattention(images) -> [B, H, T+1, T+1]`` (the DINO hub convention). Teach the
+engine another family with :func:`register_attention_reader`; readers registered later are tried first.
+
+For timm models the last block is not run as a whole: every block before it runs as the model runs it
+(fused attention untouched), the last one up to its attention's input, and only the keys and the CLS query
+are projected, so one ``1 x T`` softmax row per head is all that is ever formed.
 
     attn = cls_attention(model, images)               # [B, T], averaged over heads
     per_head = cls_attention(model, images, "all")     # [B, H, T]
@@ -13,32 +16,64 @@ attribute.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor, nn
 
 
+@dataclass(frozen=True)
+class AttentionReader:
+    """How to read one model family's CLS attention (see the module docstring)."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    read: Callable[[nn.Module, Tensor], Tensor]
+    check: Callable[[nn.Module], None] | None = None
+
+
+_READERS: list[AttentionReader] = []
+
+
+def register_attention_reader(
+    name: str,
+    matches: Callable[[nn.Module], bool],
+    read: Callable[[nn.Module, Tensor], Tensor],
+    check: Callable[[nn.Module], None] | None = None,
+) -> AttentionReader:
+    """Teach the engine a model family: ``read(model, images) -> [B, H, T]``, the last block's attention from
+    the CLS query to each patch token (prefix tokens removed, rows over all tokens summing to at most one).
+
+    The token grid comes from ``model.patch_embed.patch_size`` when the model has one. Readers registered
+    later are tried first, so a user's reader wins over a built-in one for the models it matches.
+    """
+    reader = AttentionReader(name, matches, read, check)
+    _READERS.insert(0, reader)
+    return reader
+
+
+def attention_readers() -> list[AttentionReader]:
+    """The registered readers, in the order they are tried."""
+    return list(_READERS)
+
+
+def find_reader(model: nn.Module) -> AttentionReader | None:
+    return next((r for r in _READERS if r.matches(model)), None)
+
+
 def resolve_vit(model: nn.Module) -> nn.Module:
-    """The module that holds the ViT: ``model.attention_model()``, ``model.vit``, ``model.backbone`` or ``model``."""
+    """The module that holds the ViT: ``model.attention_model()``, ``model`` itself when a reader matches it,
+    else ``model.vit`` or ``model.backbone``."""
     if callable(getattr(model, "attention_model", None)):
         return model.attention_model()
-    if _is_readable(model):
+    if find_reader(model) is not None:
         return model
     for name in ("vit", "backbone"):
         inner = getattr(model, name, None)
         if isinstance(inner, nn.Module):
             return inner
     return model
-
-
-def _is_timm_vit(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "_pos_embed"))
-
-
-def _has_last_selfattention(model: nn.Module) -> bool:
-    return callable(getattr(model, "get_last_selfattention", None))
-
-
-def _is_readable(model: nn.Module) -> bool:
-    return _is_timm_vit(model) or _has_last_selfattention(model)
 
 
 def _patch_size(vit: nn.Module) -> tuple[int, int] | None:
@@ -49,32 +84,20 @@ def _patch_size(vit: nn.Module) -> tuple[int, int] | None:
 
 
 def check_model(vit: nn.Module) -> None:
-    """Raise ``TypeError`` naming the model class and what is missing if its CLS attention can't be read."""
-    name = type(vit).__name__
-    if not _is_timm_vit(vit) and _has_last_selfattention(vit):
-        return
-    missing = [a for a in ("patch_embed", "blocks", "_pos_embed") if not hasattr(vit, a)]
-    if missing:
+    """Raise ``TypeError`` naming the model class and why its CLS attention can't be read."""
+    reader = find_reader(vit)
+    if reader is None:
+        name = type(vit).__name__
+        missing = [a for a in ("patch_embed", "blocks", "_pos_embed") if not hasattr(vit, a)]
+        tried = ", ".join(r.name for r in _READERS)
         raise TypeError(
-            f"{name} is not a readable Vision Transformer: it has no {', '.join(missing)} and no "
-            "get_last_selfattention(images); pass a timm VisionTransformer, a DINO-style model, or a "
-            "LightningModule whose attention_model() / vit / backbone is one"
+            f"{name} is not a readable Vision Transformer (it has no {', '.join(missing) or 'known layout'} and no "
+            f"get_last_selfattention(images)); readers tried: {tried}. Pass a timm VisionTransformer or EVA, a "
+            "DINO-style model, or a LightningModule whose attention_model() / vit / backbone is one; or teach "
+            "the engine your model with attnreg_lightning.register_attention_reader(name, matches, read)"
         )
-    if hasattr(vit, "rope"):
-        raise TypeError(
-            f"{name} uses rotary position embeddings (timm EVA-style blocks): reading its attention without "
-            "applying them to q and k would give wrong maps, so it is refused (RoPE ViTs are not supported yet)"
-        )
-    if getattr(vit, "cls_token", None) is None:
-        raise TypeError(f"{name} has no class token (class_token=False): there is no CLS query to read attention from")
-    last = vit.blocks[-1]
-    attn = getattr(last, "attn", None)
-    needed = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
-    if not hasattr(last, "norm1") or attn is None or not all(hasattr(attn, a) for a in needed):
-        raise TypeError(
-            f"{name}: last block {type(last).__name__} has no pre-norm self-attention with a fused qkv "
-            f"projection (norm1, attn.{{{', '.join(needed)}}}); its attention can't be read"
-        )
+    if reader.check is not None:
+        reader.check(vit)
 
 
 def check_images(vit: nn.Module, images: Tensor) -> tuple[int, int] | None:
@@ -90,38 +113,158 @@ def check_images(vit: nn.Module, images: Tensor) -> tuple[int, int] | None:
             f"{type(vit).__name__}: image size {h}x{w} is not divisible by the patch size {patch[0]}x{patch[1]}"
         )
     fixed = getattr(vit.patch_embed, "img_size", None)
-    strict = _is_timm_vit(vit) and not vit.dynamic_img_size and getattr(vit.patch_embed, "strict_img_size", True)
-    if strict and fixed is not None:
-        if (h, w) != tuple(fixed):
-            raise ValueError(
-                f"{type(vit).__name__}: images are {h}x{w} but the model takes {fixed[0]}x{fixed[1]} "
-                "(create it with img_size=... or dynamic_img_size=True)"
-            )
+    dynamic = getattr(vit, "dynamic_img_size", False)
+    strict = _is_timm_layout(vit) and not dynamic and getattr(vit.patch_embed, "strict_img_size", True)
+    if strict and fixed is not None and (h, w) != tuple(fixed):
+        raise ValueError(
+            f"{type(vit).__name__}: images are {h}x{w} but the model takes {fixed[0]}x{fixed[1]} "
+            "(create it with img_size=... or dynamic_img_size=True)"
+        )
     return h // patch[0], w // patch[1]
 
 
-def _timm_cls_attention(vit: nn.Module, images: Tensor) -> Tensor:
-    x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    for blk in vit.blocks[:-1]:
-        x = blk(x)
-    last = vit.blocks[-1]
-    attn = last.attn
-    h = last.norm1(x)
-    b, n, _ = h.shape
-    heads, dim = attn.num_heads, attn.head_dim
-    width = heads * dim
+# --- timm: run the model up to its last attention, then project the CLS query and the keys ---
+
+
+class _Reached(Exception):
+    """Raised by the pre-hook once the last attention's input is known: nothing after it is computed."""
+
+
+@torch.compiler.disable  # the hook stops the model by an exception: run eagerly, also under torch.compile
+def _last_attention_input(vit: nn.Module, images: Tensor) -> tuple[Tensor, dict]:
+    """The input (and keyword arguments, e.g. EVA's ``rope``) of the last block's attention, computed by the
+    model's own ``forward_features`` up to that point; the hook is removed whatever happens."""
+    seen: dict = {}
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["x"], seen["kwargs"] = args[0], kwargs
+        raise _Reached
+
+    handle = vit.blocks[-1].attn.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        vit.forward_features(images)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in seen:
+        raise RuntimeError(f"{type(vit).__name__}.forward_features never reached its last block's attention")
+    return seen["x"], seen["kwargs"]
+
+
+def _is_timm_layout(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "_pos_embed", "forward_features"))
+
+
+def _check_cls(vit: nn.Module) -> None:
+    if getattr(vit, "cls_token", None) is None:
+        name = type(vit).__name__
+        raise TypeError(f"{name} has no class token (class_token=False): there is no CLS query to read attention from")
+
+
+def _softmax_cls_row(q: Tensor, k: Tensor, scale: float, prefix: int) -> Tensor:
+    scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    return scores.float().softmax(dim=-1)[:, :, 0, prefix:]
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def _timm_vit_attention(vit: nn.Module, images: Tensor) -> Tensor:
+    h, _ = _last_attention_input(vit, images)
+    attn = vit.blocks[-1].attn
+    width = attn.num_heads * attn.head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
     q_bias = None if bias is None else bias[:width]
     k_bias = None if bias is None else bias[width : 2 * width]
     # Only the CLS query row is needed; values and the MLP never enter the attention weights.
-    q = nn.functional.linear(h[:, :1], weight[:width], q_bias).reshape(b, 1, heads, dim).transpose(1, 2)
-    k = nn.functional.linear(h, weight[width : 2 * width], k_bias).reshape(b, n, heads, dim).transpose(1, 2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-    return scores.float().softmax(dim=-1)[:, :, 0, vit.num_prefix_tokens :]
+    q = _split_heads(nn.functional.linear(h[:, :1], weight[:width], q_bias), attn.num_heads)
+    k = _split_heads(nn.functional.linear(h, weight[width : 2 * width], k_bias), attn.num_heads)
+    return _softmax_cls_row(attn.q_norm(q), attn.k_norm(k), attn.scale, vit.num_prefix_tokens)
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    return _is_timm_layout(model) and not hasattr(model, "rope")
+
+
+def _check_timm_vit(vit: nn.Module) -> None:
+    _check_cls(vit)
+    last = vit.blocks[-1]
+    attn = getattr(last, "attn", None)
+    needed = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
+    if attn is None or not all(hasattr(attn, a) for a in needed):
+        raise TypeError(
+            f"{type(vit).__name__}: last block {type(last).__name__} has no self-attention with a fused qkv "
+            f"projection (attn.{{{', '.join(needed)}}}); its attention can't be read"
+        )
+
+
+def _eva_attention(vit: nn.Module, images: Tensor) -> Tensor:
+    from timm.layers import apply_rot_embed_cat
+
+    x, kwargs = _last_attention_input(vit, images)
+    attn = vit.blocks[-1].attn
+    heads = attn.num_heads
+    if attn.qkv is not None:
+        width = attn.qkv.weight.shape[0] // 3
+        weight = attn.qkv.weight
+        if attn.q_bias is None:
+            bias = attn.qkv.bias
+        else:  # as EvaAttention: its own q/k/v biases, added to the projection's when kept separate
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate and attn.qkv.bias is not None:
+                bias = bias + attn.qkv.bias
+        q = nn.functional.linear(x[:, :1], weight[:width], None if bias is None else bias[:width])
+        k = nn.functional.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
+    else:
+        q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
+    q, k = attn.q_norm(_split_heads(q, heads)), attn.k_norm(_split_heads(k, heads))
+    rope = kwargs.get("rope")
+    if rope is not None:
+        # rotary embedding on the patch tokens only, as the model's attention applies it; the CLS query
+        # (a prefix token) is not rotated
+        npt = attn.num_prefix_tokens
+        half = getattr(attn, "rotate_half", False)
+        rotated = apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half).type_as(k)
+        k = torch.cat([k[:, :, :npt, :], rotated], dim=2)
+    return _softmax_cls_row(q, k, attn.scale, vit.num_prefix_tokens)
+
+
+def _is_eva(model: nn.Module) -> bool:
+    return _is_timm_layout(model) and hasattr(model, "rope")
+
+
+def _check_eva(vit: nn.Module) -> None:
+    _check_cls(vit)
+    last = vit.blocks[-1]
+    attn = getattr(last, "attn", None)
+    needed = ("num_heads", "scale", "q_norm", "k_norm", "num_prefix_tokens", "q_bias")
+    if (
+        attn is None
+        or not all(hasattr(attn, a) for a in needed)
+        or not (getattr(attn, "qkv", None) is not None or hasattr(attn, "q_proj"))
+    ):
+        raise TypeError(
+            f"{type(vit).__name__} uses rotary position embeddings, but its last block's attention "
+            f"({type(attn).__name__}) is not EVA's (qkv or q_proj/k_proj, q_bias, q_norm, k_norm, "
+            "num_prefix_tokens): reading it without its rotary embedding would give wrong maps, so it is refused"
+        )
+
+
+def _last_selfattention(vit: nn.Module, images: Tensor) -> Tensor:
+    full = vit.get_last_selfattention(images)
+    return full[:, :, 0, getattr(vit, "num_prefix_tokens", 1) :].float()
+
+
+register_attention_reader(
+    "get_last_selfattention (DINO hub)",
+    lambda m: callable(getattr(m, "get_last_selfattention", None)),
+    _last_selfattention,
+)
+register_attention_reader("timm VisionTransformer", _is_timm_vit, _timm_vit_attention, _check_timm_vit)
+register_attention_reader("timm EVA / RoPE ViT", _is_eva, _eva_attention, _check_eva)
 
 
 def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tensor:
@@ -135,12 +278,7 @@ def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tens
     vit = resolve_vit(model)
     check_model(vit)
     check_images(vit, images)
-    if _is_timm_vit(vit):
-        per_head = _timm_cls_attention(vit, images)
-    else:
-        full = vit.get_last_selfattention(images)
-        prefix = getattr(vit, "num_prefix_tokens", 1)
-        per_head = full[:, :, 0, prefix:].float()
+    per_head = find_reader(vit).read(vit, images).float()
     return per_head.mean(dim=1) if heads == "mean" else per_head
 
 

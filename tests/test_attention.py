@@ -33,6 +33,11 @@ MODELS = [
     ("vit_tiny_patch16_224", {"qk_norm": True, "img_size": 64}, (64, 64), 1),
     ("vit_tiny_patch16_224", {"pre_norm": True, "img_size": 64}, (64, 64), 1),  # CLIP-style norm_pre
     ("vit_tiny_patch16_224", {"qkv_bias": False, "img_size": 64}, (64, 64), 1),
+    # RoPE ViTs: the rotary embedding applied to the keys as the model's attention applies it
+    ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2}, (56, 56), 1),
+    ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2, "qkv_fused": False}, (56, 56), 1),
+    ("eva_giant_patch14_224", {"img_size": 56, "depth": 2, "embed_dim": 32, "num_heads": 2}, (56, 56), 1),
+    ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2, "num_reg_tokens": 2}, (56, 56), 3),
 ]
 
 
@@ -130,12 +135,58 @@ def test_errors_name_the_model_and_what_is_missing():
         cls_attention(fixed, _images(1, 64, 64), heads="max")
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "eva_giant_patch14_224"])
-def test_rope_and_eva_models_are_refused_at_construction_naming_the_reason(name):
+def test_rope_vit_at_another_size_reads_its_own_attention():
+    torch.manual_seed(0)
+    eva = perturb(timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2, dynamic_img_size=True)).eval()
+    x = _images(2, 42, 70)
+    with torch.no_grad():
+        got = cls_attention(eva, x, heads="all")
+    torch.testing.assert_close(got, unfused_reference(eva, x), atol=1e-6, rtol=1e-5)
+    assert token_grid(eva, x) == (3, 5)
     from attnreg_lightning import AttentionRegularizer
 
-    kwargs = {"img_size": 28, "depth": 1} if "eva02" in name else {"img_size": 28, "depth": 1, "embed_dim": 32}
-    kwargs["num_heads"] = 2
-    eva = timm.create_model(name, **kwargs)
-    with pytest.raises(TypeError, match="Eva.*rotary position embeddings"):
-        AttentionRegularizer(eva)
+    reg = AttentionRegularizer(eva, n_bootstrap=2)(x, sample_ids=[0, 1])  # and the engine explains it
+    assert reg.grid == (3, 5) and reg.significance.valid.all()
+    torch.testing.assert_close(reg.attention, got.mean(1))
+
+
+def test_a_rope_model_whose_attention_is_not_evas_is_refused_naming_the_reason():
+    from attnreg_lightning import AttentionRegularizer
+
+    odd = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    odd.rope = None  # rotary embeddings announced, but a plain timm Attention that would not apply them
+    with pytest.raises(TypeError, match="VisionTransformer uses rotary position embeddings.*refused"):
+        AttentionRegularizer(odd)
+
+
+def test_a_user_registered_reader_teaches_the_engine_a_new_model():
+    from attnreg_lightning import AttentionRegularizer, register_attention_reader
+    from attnreg_lightning.attention import _READERS
+
+    class Tiny(nn.Module):
+        """Not a ViT any reader knows: CLS attention computed from its own logits."""
+
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = nn.Module()
+            self.patch_embed.patch_size = (8, 8)
+            self.scores = nn.Conv2d(3, 2, 8, stride=8)  # 2 heads, one score per 8x8 patch
+
+        def cls_scores(self, images):
+            return self.scores(images).flatten(2)  # [B, 2, T]
+
+    with pytest.raises(TypeError, match="readers tried: .*timm VisionTransformer.*register_attention_reader"):
+        AttentionRegularizer(Tiny())
+    reader = register_attention_reader(
+        "tiny", lambda m: isinstance(m, Tiny), lambda m, x: m.cls_scores(x).softmax(-1) * 0.9
+    )
+    try:
+        model = Tiny()
+        x = _images(2, 32, 32)
+        reg = AttentionRegularizer(model, n_bootstrap=3)(x, sample_ids=[0, 1])
+        with torch.no_grad():
+            want = (model.cls_scores(x).softmax(-1) * 0.9).mean(1)
+        torch.testing.assert_close(reg.attention, want)
+        assert reg.grid == (4, 4) and reg.significance.valid.all()
+    finally:
+        _READERS.remove(reader)
