@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import ResPostBlock
 from torch import nn
 
 from attnreg_lightning.attention import cls_attention, token_grid
@@ -33,6 +34,8 @@ MODELS = [
     ("vit_tiny_patch16_224", {"qk_norm": True, "img_size": 64}, (64, 64), 1),
     ("vit_tiny_patch16_224", {"pre_norm": True, "img_size": 64}, (64, 64), 1),  # CLIP-style norm_pre
     ("vit_tiny_patch16_224", {"qkv_bias": False, "img_size": 64}, (64, 64), 1),
+    # post-norm blocks (norm1 after the attention): the attention's real input is read, not norm1's output
+    ("vit_tiny_patch16_224", {"img_size": 64, "depth": 2, "block_fn": ResPostBlock}, (64, 64), 1),
     # RoPE ViTs: the rotary embedding applied to the keys as the model's attention applies it
     ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2}, (56, 56), 1),
     ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2, "qkv_fused": False}, (56, 56), 1),
