@@ -29,6 +29,8 @@ from attnreg_lightning.metrics import (
     NullCalibration,
     RegionShares,
     TopKBaseline,
+    head_score_keys,
+    head_scores,
     image_scores,
     score_keys,
     token_mask,
@@ -36,7 +38,15 @@ from attnreg_lightning.metrics import (
 from attnreg_lightning.probes import STABILITY_KEYS, ProbeBook
 from attnreg_lightning.report import write_report
 from attnreg_lightning.stats import null_pvalues
-from attnreg_lightning.viz import attention_scale, display_uint8, evolution_picture, mask_classes, picture_row
+from attnreg_lightning.viz import (
+    attention_scale,
+    display_uint8,
+    evolution_picture,
+    heads_picture,
+    mask_classes,
+    picture_row,
+    stack,
+)
 
 _FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries none
 
@@ -147,6 +157,8 @@ class AttentionRegularizationCallback(Callback):
         self.topk = TopKBaseline()
         self.counts = Counts(self.COUNT_KEYS)
         self.stability = MeanScores(STABILITY_KEYS)
+        self.head_scores: MeanScores | None = None  # heads="all": created in setup, once the head count is known
+        self.num_heads: int | None = None
         self.probes = ProbeBook(self.config.probe_ids)
         self.explained_total = 0
         self.skipped_total = 0
@@ -176,12 +188,20 @@ class AttentionRegularizationCallback(Callback):
         return self._batch_to_images(batch)
 
     def _metrics(self) -> tuple[Metric, ...]:
-        return (self.scores, self.regions, self.calibration, self.topk, self.counts, self.stability)
+        heads = () if self.head_scores is None else (self.head_scores,)
+        return (self.scores, self.regions, self.calibration, self.topk, self.counts, self.stability, *heads)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        check_model(resolve_vit(pl_module))
+        vit = resolve_vit(pl_module)
+        check_model(vit)
         self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs())
+        if self.config.heads == "all" and self.head_scores is None:
+            # keys fixed before any batch, so every rank holds the same states
+            self.num_heads = getattr(getattr(vit.blocks[-1], "attn", None), "num_heads", None)
+            if self.num_heads is None:
+                raise ValueError(f"{self.prefix}.heads='all': the model's number of heads is unknown")
+            self.head_scores = MeanScores(head_score_keys(self.num_heads))
         if trainer is not None and trainer.is_global_zero and not self._logged_config:
             # the knobs are the experiment: every logger that takes hyperparameters records them, once
             for logger in trainer.loggers:
@@ -270,6 +290,8 @@ class AttentionRegularizationCallback(Callback):
         if roi is not None:
             self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
         self._follow_probes(reg, ids)
+        if reg.per_head is not None and self.head_scores is not None:
+            self.head_scores.update(head_scores(reg, self.num_heads))
         valid_ids = [ids[i] for i in valid.nonzero().flatten().tolist()]
         self.image_stats += [{"id": i, **{k: float(v[j]) for k, v in scores.items()}} for j, i in enumerate(valid_ids)]
         if trainer.is_global_zero:
@@ -305,6 +327,8 @@ class AttentionRegularizationCallback(Callback):
             run = stage.replace("epoch", "epoch ")
             title = f"id {ids[i]} · {run} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
             picture = picture_row(images[i], reg, i, self.config.maps, title=title, scale=scale)
+            if reg.per_head is not None:
+                picture = stack(picture, heads_picture(images[i], reg.per_head, i, self.num_heads))
             base = display_uint8(images[i])
             stats = {"id": ids[i], **{k: float(v[j]) for k, v in scores.items()}}
             self._rows.append(PictureRow(picture, title, stats, base, mask_classes(reg, i, base.shape[:2])))
@@ -321,8 +345,10 @@ class AttentionRegularizationCallback(Callback):
         if not self._active:
             return
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
-        scores, regions, srmsd, topk_f1, counts, stability = (_compute(m) for m in self._metrics())
+        scores, regions, srmsd, topk_f1, counts, stability, *heads = (_compute(m) for m in self._metrics())
         values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts, **stability}
+        for per_head in heads:
+            values.update(per_head)
         values = {f"{self.prefix}/{k}": v.float() for k, v in values.items() if torch.isfinite(v)}
         # Already reduced over ranks by torchmetrics: rank_zero_only turns Lightning's own sync (and its
         # "use sync_dist=True" warning) off, while every rank still logs the same value.

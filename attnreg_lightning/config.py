@@ -61,6 +61,7 @@ class AttnRegConfig:
     patch_size: Optional[int] = None  # noqa: UP045
     normalization: Optional[str] = None  # noqa: UP045
     probe_ids: Optional[list[int]] = None  # noqa: UP045
+    heads: str = "mean"
     name: str = "attnreg"
 
     def __post_init__(self) -> None:
@@ -120,6 +121,7 @@ class AttnRegConfig:
             self.probe_ids,
             "need null or a non-empty list of sample ids (ints)",
         )
+        _require(self.heads in ("mean", "all"), "heads", self.heads, "choose 'mean' or 'all' (each head tested too)")
         _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             "name",
@@ -152,6 +154,7 @@ class AttnRegConfig:
             "seed": self.seed,
             "pi0": "estimate" if self.pi0 is None else float(self.pi0),
             "method_options": self.method_options(),
+            "heads": self.heads,
         }
 
 

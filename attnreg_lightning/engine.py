@@ -70,6 +70,8 @@ class AttentionRegularizer:
         pi0: ``"estimate"`` (Storey) or a fixed float in [0, 1].
         method_options: extra options of the generator (``std_factor``, ``all_channels``, ``patch_size``).
         compile: ``torch.compile`` the attention read-out (off by default; results unchanged).
+        heads: ``"mean"`` (attention averaged over heads) or ``"all"``: also each head tested against the same
+            null images' attention for that head (no extra forward passes), in the result's ``per_head``.
     """
 
     def __init__(
@@ -84,7 +86,10 @@ class AttentionRegularizer:
         pi0: str | float = "estimate",
         method_options: dict | None = None,
         compile: bool = False,
+        heads: str = "mean",
     ) -> None:
+        if heads not in ("mean", "all"):
+            raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
         get_null_generator(method)
         require_positive_int(n_bootstrap, "n_bootstrap")
         require_positive_int(max_images_per_forward, "max_images_per_forward")
@@ -104,6 +109,7 @@ class AttentionRegularizer:
             if grid_patch is not None:
                 self.method_options["patch_size"] = grid_patch if isinstance(grid_patch, int) else int(grid_patch[0])
         _check_tiles(vit, self.method_options.get("patch_size") if method == "patch" else None)
+        self.heads = heads
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
 
@@ -123,12 +129,13 @@ class AttentionRegularizer:
         for chunk in chunks:
             amp = torch.autocast(chunk.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
             with amp:
-                outs.append(self._read(self.model, chunk))
+                outs.append(self._read(self.model, chunk, self.heads))
         return torch.cat(outs)
 
     @torch.no_grad()
     def observe(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The forward passes alone: observed ``[B, T]`` and null ``[B, N, T]`` attention of ``images``.
+        """The forward passes alone: observed ``[B, T]`` and null ``[B, N, T]`` attention of ``images``
+        (``heads="all"``: ``[B, H, T]`` and ``[B, N, H, T]``).
 
         A constant or non-finite image has no null distribution worth the name: its observed row is NaN, which
         :func:`~attnreg_lightning.stats.significance` flags as invalid instead of crashing.
@@ -142,14 +149,24 @@ class AttentionRegularizer:
         with eval_mode(self.model):
             # observed images first, then their nulls, packed into full forward passes
             attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
-        obs = torch.where(usable[:, None], attention[:b], torch.full_like(attention[:b], float("nan")))
-        return obs, attention[b:].reshape(b, n, -1)
+        keep = usable.view(-1, *([1] * (attention.dim() - 1)))
+        obs = torch.where(keep, attention[:b], torch.full_like(attention[:b], float("nan")))
+        return obs, attention[b:].reshape(b, n, *attention.shape[1:])
 
     @torch.no_grad()
     def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
         """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
         grid = token_grid(self.model, images)
         obs, null = self.observe(images, sample_ids)
+        if self.heads == "mean":
+            return self._regularize(obs, null, grid)
+        # the mean over heads is the mean path's attention, its nulls the same images' mean attention
+        reg = self._regularize(obs.mean(1), null.mean(2), grid)
+        b, h, t = obs.shape
+        reg.per_head = self._regularize(obs.reshape(b * h, t), null.transpose(1, 2).reshape(b * h, -1, t), grid)
+        return reg
+
+    def _regularize(self, obs: Tensor, null: Tensor, grid: tuple[int, int] | None) -> RegularizedAttention:
         sig = significance(obs, null, pi0=self.pi0)
         th = self.thresholds
         # the pi0 rule's percentile is over pixels, as the reference takes it on upsampled maps

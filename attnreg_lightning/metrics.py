@@ -104,6 +104,26 @@ def score_keys(maps: Sequence[str]) -> list[str]:
     return keys
 
 
+def head_score_keys(heads: int) -> list[str]:
+    """The per-head keys :func:`head_scores` returns."""
+    return [f"head{h}/{k}" for h in range(heads) for k in ("discoveries", "lfdr/sparsity")]
+
+
+def head_scores(reg: RegularizedAttention, heads: int) -> dict[str, Tensor]:
+    """Per head, per valid image: the fraction of tokens with lfdr <= lfdr_th and the lfdr map's sparsity,
+    from ``reg.per_head`` (``B * heads`` rows, image-major)."""
+    per = reg.per_head
+    b = reg.attention.shape[0]
+    discoveries = (per.significance.lfdr <= per.thresholds.lfdr_th).to(torch.float64).mean(1).view(b, heads)
+    sparsity = (per.maps["lfdr"] == 0).to(torch.float64).mean(1).view(b, heads)
+    valid = per.significance.valid.view(b, heads).all(1) & reg.significance.valid
+    out = {}
+    for h in range(heads):
+        out[f"head{h}/discoveries"] = discoveries[valid, h]
+        out[f"head{h}/lfdr/sparsity"] = sparsity[valid, h]
+    return out
+
+
 def image_scores(
     reg: RegularizedAttention, maps: Sequence[str], roi: Tensor | None = None, noise: Tensor | None = None
 ) -> dict[str, Tensor]:

@@ -38,7 +38,8 @@ class Thresholds:
 class RegularizedAttention:
     """Raw attention ``[B, T]``, its significance and the regularized maps (each ``[B, T]``).
 
-    ``grid`` is the token grid ``(h, w)`` (``h * w == T``) when known, for drawing.
+    ``grid`` is the token grid ``(h, w)`` (``h * w == T``) when known, for drawing. ``per_head``, when the
+    engine tested each head (``heads="all"``), holds the same for every head: ``B * H`` rows, image-major.
     """
 
     attention: Tensor
@@ -46,6 +47,7 @@ class RegularizedAttention:
     maps: dict[str, Tensor]
     thresholds: Thresholds
     grid: tuple[int, int] | None = None
+    per_head: RegularizedAttention | None = None
 
     @property
     def sparsity(self) -> dict[str, Tensor]:

@@ -168,3 +168,35 @@ def evolution_picture(
         fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=axes[row, 0], **_BAR).ax.set_visible(False)
     fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the lfdr map", fontsize=9)
     return _render(fig)
+
+
+def heads_picture(image: Tensor, per_head: RegularizedAttention, index: int, heads: int) -> np.ndarray:
+    """Each head's lfdr map of image ``index`` (``per_head`` holds ``B * heads`` rows), one scale: the range
+    of the image's per-head raw attention."""
+    rows = range(index * heads, (index + 1) * heads)
+    raw = per_head.attention[list(rows)].detach().double().cpu().numpy()
+    lo, hi = attention_scale(raw)
+    base = to_display(image)
+    extent = (0, base.shape[1], base.shape[0], 0)
+    fig = Figure(figsize=(PANEL_INCHES * (1 + heads), PANEL_INCHES * 1.3), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 1 + heads)
+    axes[0].imshow(base, interpolation="nearest")
+    axes[0].set_title("input", fontsize=8)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=axes[0], **_BAR).ax.set_visible(False)
+    cmap = _removed_cmap("inferno")
+    for h, row in enumerate(rows):
+        kept = per_head.maps["lfdr"][row].detach().double().cpu().numpy().reshape(per_head.grid)
+        kept_n = int((kept > 0).sum())
+        title = f"head {h} lfdr map ({kept_n} kept)"
+        _panel(fig, axes[1 + h], np.ma.masked_where(kept <= 0, kept), title, cmap, lo, hi, extent)
+    fig.suptitle("each head tested against its own null attention · cyan: removed", fontsize=9)
+    return _render(fig)
+
+
+def stack(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """Two uint8 pictures one above the other, the narrower padded white on the right."""
+    width = max(top.shape[1], bottom.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
+    return np.concatenate([pad(top), pad(bottom)])

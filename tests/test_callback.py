@@ -477,3 +477,22 @@ def test_diverged_density_fits_and_clamped_values_are_counted(tmp_path):
         (logged,) = _trainer(tmp_path, [cb], False).validate(tiny_module(), DataLoader(data, batch_size=None))
     assert logged["attnreg/lfdr_fit_failed"] == 1 and logged["attnreg/clamped_tokens"] == 3
     assert logged["attnreg/explained"] == 2
+
+
+def test_per_head_metrics_and_pictures(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=1, heads="all")
+    plain = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=1, name="plain")
+    _trainer(tmp_path, [cb, plain], logger, max_epochs=1, limit_train_batches=1).fit(tiny_module(), tiny_data())
+    (row,) = [r for r in _read_csv(logger) if r.get("attnreg/explained")]
+    for h in range(3):  # the tiny model has 3 heads
+        assert 0 <= float(row[f"attnreg/head{h}/discoveries"]) <= 1
+        assert 0 <= float(row[f"attnreg/head{h}/lfdr/sparsity"]) <= 1
+    assert not [k for k in row if k.startswith("plain/head")]
+    # the mean path is what a heads="mean" callback reports
+    assert float(row["attnreg/lfdr/sparsity"]) == float(row["plain/lfdr/sparsity"])
+    from PIL import Image
+
+    (with_heads,) = (Path(logger.log_dir) / "attnreg").glob("step*.png")
+    (without,) = (Path(logger.log_dir) / "plain").glob("step*.png")
+    assert Image.open(with_heads).height > 1.8 * Image.open(without).height  # a row of per-head lfdr maps added

@@ -217,3 +217,32 @@ def test_patch_nulls_whose_tiles_cannot_tile_the_images_are_refused_at_construct
     with pytest.raises(ValueError, match="patch_size=5.*32x32"):
         AttentionRegularizer(vit, method="patch", method_options={"patch_size": 5})
     AttentionRegularizer(vit, method="patch", method_options={"patch_size": 4})  # divides 32: fine
+
+
+def test_per_head_significance_tests_each_head_against_its_own_null_without_extra_forwards(vit):
+    x = _images(2)
+    sizes = []
+    handle = vit.patch_embed.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        both = AttentionRegularizer(vit, n_bootstrap=3, heads="all")(x, sample_ids=[4, 5])
+        forwards = sum(sizes)
+        sizes.clear()
+        mean = AttentionRegularizer(vit, n_bootstrap=3)(x, sample_ids=[4, 5])
+    finally:
+        handle.remove()
+    assert forwards == sum(sizes) == 2 * (3 + 1)
+    heads = vit.blocks[-1].attn.num_heads
+    per = both.per_head
+    assert per.attention.shape == (2 * heads, 16) and mean.per_head is None
+    # the head mean is the mean path's attention, and the mean path is unchanged
+    torch.testing.assert_close(per.attention.view(2, heads, 16).mean(1), mean.attention)
+    assert all(torch.equal(both.maps[m], mean.maps[m]) for m in MAP_NAMES)
+    # each head row: the statistics of that head's attention against that head's null attention
+    obs, null = AttentionRegularizer(vit, n_bootstrap=3, heads="all").observe(x, sample_ids=[4, 5])
+    for b in range(2):
+        for h in range(heads):
+            alone = significance(obs[b, h][None], null[b, :, h][None])
+            assert torch.equal(per.significance.z[b * heads + h], alone.z[0])
+            assert torch.equal(per.significance.lfdr[b * heads + h], alone.lfdr[0])
+    with pytest.raises(ValueError, match="heads"):
+        AttentionRegularizer(vit, heads="max")
