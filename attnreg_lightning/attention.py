@@ -76,7 +76,8 @@ def resolve_vit(model: nn.Module) -> nn.Module:
     return model
 
 
-def _patch_size(vit: nn.Module) -> tuple[int, int] | None:
+def patch_size(vit: nn.Module) -> tuple[int, int] | None:
+    """The model's ``(h, w)`` patch size from ``patch_embed.patch_size``; None when it has none."""
     size = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
     if size is None:
         return None
@@ -104,7 +105,7 @@ def check_images(vit: nn.Module, images: Tensor) -> tuple[int, int] | None:
     """Validate image shape for ``vit``; return the token grid ``(h, w)`` when it is known."""
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    patch = _patch_size(vit)
+    patch = patch_size(vit)
     if patch is None:
         return None
     h, w = images.shape[-2:]
@@ -284,7 +285,7 @@ def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tens
 
 def pixels_per_token(model: nn.Module) -> int:
     """How many image pixels one patch token covers (the patch area); 1 when the patch size is unknown."""
-    patch = _patch_size(resolve_vit(model))
+    patch = patch_size(resolve_vit(model))
     return 1 if patch is None else patch[0] * patch[1]
 
 

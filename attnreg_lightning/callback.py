@@ -292,8 +292,10 @@ class AttentionRegularizationCallback(Callback):
         self._follow_probes(reg, ids)
         if reg.per_head is not None and self.head_scores is not None:
             self.head_scores.update(head_scores(reg, self.num_heads))
+        # one device-to-host copy per score, not one per image and score
+        listed = {k: v.tolist() for k, v in scores.items()}
         valid_ids = [ids[i] for i in valid.nonzero().flatten().tolist()]
-        self.image_stats += [{"id": i, **{k: float(v[j]) for k, v in scores.items()}} for j, i in enumerate(valid_ids)]
+        self.image_stats += [{"id": i, **{k: v[j] for k, v in listed.items()}} for j, i in enumerate(valid_ids)]
         if trainer.is_global_zero:
             self._collect_pictures(images, reg, ids, scores, _stage(trainer))
 
@@ -322,7 +324,7 @@ class AttentionRegularizationCallback(Callback):
         for j, i in enumerate(valid_rows):
             if len(self._rows) >= self.config.log_images or reg.grid is None:
                 return
-            scale = self.probes.scale(ids[i]) or attention_scale(reg.attention[i].double().cpu().numpy())
+            scale = self.probes.scale(ids[i])  # noted by _follow_probes: the probe's first run's scale
             kept = int((reg.maps["lfdr"][i] > 0).sum())
             run = stage.replace("epoch", "epoch ")
             title = f"id {ids[i]} · {run} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"

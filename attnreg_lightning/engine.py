@@ -18,7 +18,14 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 
-from attnreg_lightning.attention import check_model, cls_attention, pixels_per_token, resolve_vit, token_grid
+from attnreg_lightning.attention import (
+    check_model,
+    cls_attention,
+    patch_size,
+    pixels_per_token,
+    resolve_vit,
+    token_grid,
+)
 from attnreg_lightning.bootstrap import get_null_generator, null_stream, rechunk, require_positive_int
 from attnreg_lightning.regularize import RegularizedAttention, Thresholds, regularize
 from attnreg_lightning.stats import significance
@@ -104,12 +111,12 @@ class AttentionRegularizer:
         self.seed = seed
         self.pi0 = pi0
         self.method_options = dict(method_options or {})
-        if method == "patch" and "patch_size" not in self.method_options:
-            grid_patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
-            if grid_patch is not None:
-                self.method_options["patch_size"] = grid_patch if isinstance(grid_patch, int) else int(grid_patch[0])
+        model_patch = patch_size(vit)
+        if method == "patch" and "patch_size" not in self.method_options and model_patch is not None:
+            self.method_options["patch_size"] = model_patch[0]
         _check_tiles(vit, self.method_options.get("patch_size") if method == "patch" else None)
         self.heads = heads
+        self._pixels_per_token = pixels_per_token(vit)
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
 
@@ -171,5 +178,5 @@ class AttentionRegularizer:
         th = self.thresholds
         # the pi0 rule's percentile is over pixels, as the reference takes it on upsampled maps
         return regularize(
-            obs, sig, th.z_th, th.p_th, th.lfdr_th, th.q_th, grid=grid, pixels_per_token=pixels_per_token(self.model)
+            obs, sig, th.z_th, th.p_th, th.lfdr_th, th.q_th, grid=grid, pixels_per_token=self._pixels_per_token
         )

@@ -14,6 +14,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from attnreg_lightning.viz import MASK_CLASSES
+
 # under the callback's prefix
 IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")
 MASK_KEY, EVOLUTION_KEY = "significance", "evolution"
@@ -86,8 +88,6 @@ def log_report(loggers: list[Logger], path: Path) -> None:
 
 def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix) -> None:
     import wandb
-
-    from attnreg_lightning.viz import MASK_CLASSES
 
     # The table holds numbers only: images in it would be encoded and stored a second time.
     columns = ["stage", *rows[0].stats] if rows else ["stage"]

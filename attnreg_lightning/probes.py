@@ -67,8 +67,12 @@ class ProbeBook:
         self.pending[int(sample_id)]["history"] = (label, raw.astype(np.float32), lfdr_map.astype(np.float32), image)
 
     def scale(self, sample_id: int) -> tuple[float, float] | None:
+        """The probe's colour scale: from its first run (this run's, when this is its first)."""
         record = self.records.get(int(sample_id))
-        return None if record is None else record.scale
+        if record is not None:
+            return record.scale
+        new = self.pending.get(int(sample_id))
+        return None if new is None else new["scale"]
 
     def end_run(self) -> None:
         """Gather every rank's observations of this run and fold them into the records (all ranks alike)."""
@@ -87,7 +91,8 @@ class ProbeBook:
                 if "history" in new:
                     label, raw, lfdr_map, image = new["history"]
                     record.history.append((label, raw, lfdr_map))
-                    record.image = image if record.image is None else record.image
+                    if record.image is None:
+                        record.image = image
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python only, so checkpoints load with ``torch.load(weights_only=True)``."""

@@ -54,11 +54,20 @@ def _removed_cmap(name: str) -> matplotlib.colors.Colormap:
     return matplotlib.colormaps[name].with_extremes(bad=REMOVED_COLOUR)
 
 
+def _input_panel(fig: Figure, ax, base: np.ndarray) -> None:
+    ax.imshow(base, interpolation="nearest")
+    ax.set_title("input", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    # an empty colour bar keeps the input panel the size of the others
+    fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=ax, **_BAR).ax.set_visible(False)
+
+
 def _panel(fig: Figure, ax, values: np.ndarray, title: str, cmap, vmin: float, vmax: float, extent) -> None:
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", extent=extent)
     shown = np.ma.compressed(np.ma.masked_invalid(values))
-    low, high = shown.size and shown.min() < vmin, shown.size and shown.max() > vmax
-    extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get((bool(low), bool(high)), "neither")
+    low, high = bool(shown.size and shown.min() < vmin), bool(shown.size and shown.max() > vmax)
+    extend = "both" if low and high else "min" if low else "max" if high else "neither"
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -107,17 +116,7 @@ def picture_row(
         panels.append((f"{name} map", shown, inferno_removed, lo, hi))
     fig = Figure(figsize=(PANEL_INCHES * (1 + len(panels)), PANEL_INCHES * 1.3), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 1 + len(panels))
-    axes[0].imshow(base, interpolation="nearest")
-    axes[0].set_title("input", fontsize=8)
-    axes[0].set_xticks([])
-    axes[0].set_yticks([])
-    fig.colorbar(
-        matplotlib.cm.ScalarMappable(cmap=ListedColormap(["white"])),
-        ax=axes[0],
-        orientation="horizontal",
-        fraction=0.05,
-        pad=0.03,
-    ).ax.set_visible(False)  # keeps the input panel the size of the others
+    _input_panel(fig, axes[0], base)
     for ax, (title_, values, cmap, vmin, vmax) in zip(axes[1:], panels, strict=True):
         _panel(fig, ax, values, title_, cmap, vmin, vmax, extent)
     fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the map", fontsize=9)
@@ -155,17 +154,12 @@ def evolution_picture(
     fig = Figure(figsize=(PANEL_INCHES * (1 + cols), PANEL_INCHES * 2.5), dpi=DPI, layout="constrained")
     axes = np.asarray(fig.subplots(2, 1 + cols)).reshape(2, 1 + cols)
     for row in range(2):
-        axes[row, 0].imshow(base, interpolation="nearest")
-        axes[row, 0].set_title("input", fontsize=8)
-        axes[row, 0].set_xticks([])
-        axes[row, 0].set_yticks([])
+        _input_panel(fig, axes[row, 0], base)
     cmap = _removed_cmap("inferno")
     for j, (label, raw, lfdr_map) in enumerate(history, start=1):
         _panel(fig, axes[0, j], raw, f"raw, {label}", "inferno", *scale, extent)
         shown = np.ma.masked_where(lfdr_map <= 0, lfdr_map)
         _panel(fig, axes[1, j], shown, f"lfdr map, {label}", cmap, *scale, extent)
-    for row in range(2):  # the input panels take colour-bar room too, so all panels are one size
-        fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=axes[row, 0], **_BAR).ax.set_visible(False)
     fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the lfdr map", fontsize=9)
     return _render(fig)
 
@@ -180,11 +174,7 @@ def heads_picture(image: Tensor, per_head: RegularizedAttention, index: int, hea
     extent = (0, base.shape[1], base.shape[0], 0)
     fig = Figure(figsize=(PANEL_INCHES * (1 + heads), PANEL_INCHES * 1.3), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 1 + heads)
-    axes[0].imshow(base, interpolation="nearest")
-    axes[0].set_title("input", fontsize=8)
-    axes[0].set_xticks([])
-    axes[0].set_yticks([])
-    fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=axes[0], **_BAR).ax.set_visible(False)
+    _input_panel(fig, axes[0], base)
     cmap = _removed_cmap("inferno")
     for h, row in enumerate(rows):
         kept = per_head.maps["lfdr"][row].detach().double().cpu().numpy().reshape(per_head.grid)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attnreg_lightning import AttentionRegularizationCallback
 from attnreg_lightning.data.shapes import ShapesDataModule
+from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.models import ViTClassifier
+from attnreg_lightning.regularize import RegularizedAttention
 
 IMAGE_SIZE = 48
 
@@ -32,3 +35,30 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
     return model
+
+
+class RecordingCallback(AttentionRegularizationCallback):
+    """The callback, keeping every result its engine gives, by epoch (wrapped at each validation run, after
+    a checkpoint's state may have rebuilt the engine)."""
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.seen: dict[int, list[tuple[list[int], RegularizedAttention]]] = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        super().on_validation_epoch_start(trainer, pl_module)
+        engine = self.engine
+        if not isinstance(engine, AttentionRegularizer):
+            return
+
+        def explain(images, sample_ids=None):
+            reg = engine(images, sample_ids=sample_ids)
+            self.seen.setdefault(trainer.current_epoch, []).append((list(sample_ids), reg))
+            return reg
+
+        self.engine = explain
+        self.engine.model = engine.model
+
+    def ids(self, epoch: int) -> list[int]:
+        """The sample ids explained at ``epoch``, in the order they were explained."""
+        return [i for ids, _ in self.seen.get(epoch, []) for i in ids]

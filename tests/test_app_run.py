@@ -24,10 +24,12 @@ TINY = [
 ]
 
 
-def run_app(tmp_path: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
+def run_app(
+    tmp_path: Path, *overrides: str, timeout: int = 420, script: str = "train.py"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
+        [sys.executable, str(ROOT / script), *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -173,25 +175,13 @@ def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path):
     assert cb_state["validation_runs"] == 2 and cb_state["explained_total"] == 16  # the count carried over
 
 
-def run_explain(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "explain.py"), *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_explain_a_checkpoint_on_its_validation_images_and_on_a_folder(tmp_path):
     from PIL import Image
 
     _ok(run_app(tmp_path, *TINY, "logger=csv", f"hydra.run.dir={tmp_path / 'train'}"))
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     knobs = ["data.image_size=48", "attnreg.num_images=6", "attnreg.log_images=2", "attnreg.n_bootstrap=3"]
-    proc = run_explain(tmp_path, f"ckpt_path={ckpt}", *knobs, f"hydra.run.dir={tmp_path / 'val'}")
+    proc = run_app(tmp_path, f"ckpt_path={ckpt}", *knobs, f"hydra.run.dir={tmp_path / 'val'}", script="explain.py")
     _ok(proc)
     out = tmp_path / "val"
     stats = json.loads((out / "explain_stats.json").read_text())
@@ -205,20 +195,25 @@ def test_explain_a_checkpoint_on_its_validation_images_and_on_a_folder(tmp_path)
     rng = np.random.default_rng(0)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(folder / f"x{i}.png")
-    proc = run_explain(
+    proc = run_app(
         tmp_path,
         f"ckpt_path={ckpt}",
         f"images={tmp_path / 'pngs'}",
         *knobs,
         "batch_size=2",
         f"hydra.run.dir={tmp_path / 'folder'}",
+        script="explain.py",
     )
     _ok(proc)
     stats = json.loads((tmp_path / "folder" / "explain_stats.json").read_text())
     assert [Path(s["path"]).name for s in stats] == [f"x{i}.png" for i in range(5)]  # every file, in order
 
-    proc = run_explain(tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'bad'}")
+    proc = run_app(
+        tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'bad'}", script="explain.py"
+    )
     assert proc.returncode != 0 and "ckpt_path=" in proc.stderr and "no such file" in proc.stderr
     (tmp_path / "not_a.ckpt").write_bytes(b"garbage")
-    proc = run_explain(tmp_path, f"ckpt_path={tmp_path / 'not_a.ckpt'}", f"hydra.run.dir={tmp_path / 'bad2'}")
+    proc = run_app(
+        tmp_path, f"ckpt_path={tmp_path / 'not_a.ckpt'}", f"hydra.run.dir={tmp_path / 'bad2'}", script="explain.py"
+    )
     assert proc.returncode != 0 and "is not a checkpoint of attnreg_lightning's ViTClassifier" in proc.stderr

@@ -12,11 +12,10 @@ from torch.utils.data import DataLoader
 
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.callback import BatchView, default_batch_to_images
-from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.metrics import score_keys
 from attnreg_lightning.regularize import regularize
 from attnreg_lightning.stats import significance
-from tests.helpers import perturb, tiny_data, tiny_module
+from tests.helpers import RecordingCallback, perturb, tiny_data, tiny_module
 from tests.oracle import oracle_image, oracle_maps
 
 MAPS = ["p", "lfdr", "pi0", "posterior"]
@@ -387,29 +386,6 @@ def test_logged_values_of_one_batch_match_an_independent_numpy_recomputation(tmp
     assert logged["attnreg/explained"] == 8
 
 
-class _RecordMaps(AttentionRegularizationCallback):
-    """The callback, keeping every result its engine gives, by epoch (wrapped at each validation run, after
-    a checkpoint's state may have rebuilt the engine)."""
-
-    def __init__(self, **knobs):
-        super().__init__(**knobs)
-        self.seen = {}
-
-    def on_validation_epoch_start(self, trainer, pl_module):
-        super().on_validation_epoch_start(trainer, pl_module)
-        engine = self.engine
-        if not isinstance(engine, AttentionRegularizer):
-            return
-
-        def explain(images, sample_ids=None):
-            reg = engine(images, sample_ids=sample_ids)
-            self.seen.setdefault(trainer.current_epoch, []).append((list(sample_ids), reg))
-            return reg
-
-        self.engine = explain
-        self.engine.model = engine.model
-
-
 class _InOrder(L.LightningDataModule):
     """The tiny shapes data, trained in a fixed order: a resumed fit then trains exactly as an uninterrupted one."""
 
@@ -430,7 +406,7 @@ class _InOrder(L.LightningDataModule):
 def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
     def run(root, ckpt_path=None, seed=3, interrupt=False):
         L.seed_everything(0)
-        cb = _RecordMaps(n_bootstrap=3, num_images=8, every_n_epochs=2, seed=seed, log_images=0)
+        cb = RecordingCallback(n_bootstrap=3, num_images=8, every_n_epochs=2, seed=seed, log_images=0)
         callbacks = [cb, ModelCheckpoint(dirpath=root, save_last=True)]
         if interrupt:  # stopped after one epoch of a 3-epoch fit: the learning-rate schedule is the same
             callbacks.append(

@@ -12,10 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 from scipy import stats as sps
 from torch.utils.data import DataLoader
 
-from attnreg_lightning import AttentionRegularizationCallback
-from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.metrics import average_ranks, iou, spearman
-from tests.helpers import tiny_data, tiny_module
+from tests.helpers import RecordingCallback, tiny_data, tiny_module
 
 STABILITY = ["attnreg/stability/lfdr_iou", "attnreg/stability/z_spearman", "attnreg/stability/lfdr_iou_first"]
 
@@ -50,28 +48,9 @@ class ShuffledVal(L.LightningDataModule):
         return DataLoader(self.inner.val_set, batch_size=8, shuffle=True)
 
 
-class _SeenIds(AttentionRegularizationCallback):
-    def __init__(self, **knobs):
-        super().__init__(**knobs)
-        self.ids_by_epoch: dict[int, list[int]] = {}
-
-    def on_validation_epoch_start(self, trainer, pl_module):
-        super().on_validation_epoch_start(trainer, pl_module)
-        engine = self.engine
-        if not isinstance(engine, AttentionRegularizer):
-            return
-
-        def explain(images, sample_ids=None):
-            self.ids_by_epoch.setdefault(trainer.current_epoch, []).extend(sample_ids)
-            return engine(images, sample_ids=sample_ids)
-
-        self.engine = explain
-        self.engine.model = engine.model
-
-
 def _fit(tmp_path, data, **knobs):
     logger = CSVLogger(tmp_path, name="csv")
-    cb = _SeenIds(n_bootstrap=3, num_images=6, log_images=2, **knobs)
+    cb = RecordingCallback(n_bootstrap=3, num_images=6, log_images=2, **knobs)
     trainer = L.Trainer(
         max_epochs=3,
         accelerator="cpu",
@@ -91,10 +70,10 @@ def _fit(tmp_path, data, **knobs):
 
 def test_shuffled_validation_explains_the_same_probe_ids_and_logs_how_their_maps_move(tmp_path):
     cb, rows, log_dir = _fit(tmp_path, ShuffledVal())
-    first = cb.ids_by_epoch[0]
+    first = cb.ids(0)
     assert len(first) == 6
-    assert [sorted(cb.ids_by_epoch[e]) for e in range(3)] == [sorted(first)] * 3
-    assert cb.ids_by_epoch[1] != first or cb.ids_by_epoch[2] != first  # the loader did shuffle them
+    assert [sorted(cb.ids(e)) for e in range(3)] == [sorted(first)] * 3
+    assert cb.ids(1) != first or cb.ids(2) != first  # the loader did shuffle them
     assert len(rows) == 3
     assert not any(rows[0].get(k) for k in STABILITY)  # nothing to compare with at the first run
     for r in rows[1:]:
@@ -127,31 +106,14 @@ def test_explicit_probe_ids_are_found_wherever_they_are(tmp_path):
     data.setup()
     wanted = [int(data.inner.val_set[i][3]) for i in (20, 3, 11)]
     cb, rows, _ = _fit(tmp_path, data, probe_ids=wanted)
-    assert [sorted(cb.ids_by_epoch[e]) for e in range(3)] == [sorted(wanted)] * 3
+    assert [sorted(cb.ids(e)) for e in range(3)] == [sorted(wanted)] * 3
     assert all(float(r["attnreg/explained"]) == 3 for r in rows)
 
 
 def test_stability_scores_are_what_the_maps_say(tmp_path):
     """The logged IoU and Spearman recomputed from the maps the engine gave at the two runs."""
-    maps: dict[int, dict[int, tuple]] = {}
-
-    class Keep(_SeenIds):
-        def on_validation_epoch_start(self, trainer, pl_module):
-            super().on_validation_epoch_start(trainer, pl_module)
-            inner = self.engine
-
-            def explain(images, sample_ids=None):
-                reg = inner(images, sample_ids=sample_ids)
-                for j, i in enumerate(sample_ids):
-                    keep = (reg.maps["lfdr"][j] > 0).numpy()
-                    maps.setdefault(trainer.current_epoch, {})[i] = (keep, reg.significance.z[j].double().numpy())
-                return reg
-
-            self.engine = explain
-            self.engine.model = inner.model
-
     logger = CSVLogger(tmp_path, name="csv")
-    cb = Keep(n_bootstrap=3, num_images=6, log_images=0)
+    cb = RecordingCallback(n_bootstrap=3, num_images=6, log_images=0)
     L.seed_everything(0)
     module = tiny_module()
     with torch.no_grad():  # sharper attention than a fresh model's near-uniform one
@@ -169,6 +131,15 @@ def test_stability_scores_are_what_the_maps_say(tmp_path):
     ).fit(module, tiny_data())
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         last = [r for r in csv.DictReader(f) if r.get("attnreg/explained")][-1]
+    # per epoch and sample id: the tokens the lfdr map kept, and z
+    maps = {
+        epoch: {
+            i: ((reg.maps["lfdr"][j] > 0).numpy(), reg.significance.z[j].double().numpy())
+            for ids, reg in results
+            for j, i in enumerate(ids)
+        }
+        for epoch, results in cb.seen.items()
+    }
 
     def mean_iou(now, then):
         def one(a, b):
