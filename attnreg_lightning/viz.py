@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from attnreg_lightning.regularize import RegularizedAttention
@@ -72,6 +73,7 @@ def _panel(fig: Figure, ax, values: np.ndarray, title: str, cmap, vmin: float, v
     ax.set_xticks([])
     ax.set_yticks([])
     bar = fig.colorbar(im, ax=ax, extend=extend, **_BAR)  # a pointed end: values beyond the scale, clipped
+    bar.ax.xaxis.set_major_locator(MaxNLocator(4))  # narrow ranges would crowd the labels into each other
     bar.ax.tick_params(labelsize=6)
     bar.ax.xaxis.get_offset_text().set_fontsize(6)
 
