@@ -16,7 +16,7 @@ are projected, so one ``1 x T`` softmax row per head is all that is ever formed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ class AttentionReader:
     matches: Callable[[nn.Module], bool]
     read: Callable[[nn.Module, Tensor], Tensor]
     check: Callable[[nn.Module], None] | None = None
+    patch_size: Callable[[nn.Module], tuple[int, int] | None] | None = None
 
 
 _READERS: list[AttentionReader] = []
@@ -41,14 +42,16 @@ def register_attention_reader(
     matches: Callable[[nn.Module], bool],
     read: Callable[[nn.Module, Tensor], Tensor],
     check: Callable[[nn.Module], None] | None = None,
+    patch_size: Callable[[nn.Module], tuple[int, int] | None] | None = None,
 ) -> AttentionReader:
     """Teach the engine a model family: ``read(model, images) -> [B, H, T]``, the last block's attention from
     the CLS query to each patch token (prefix tokens removed, rows over all tokens summing to at most one).
 
-    The token grid comes from ``model.patch_embed.patch_size`` when the model has one. Readers registered
-    later are tried first, so a user's reader wins over a built-in one for the models it matches.
+    The token grid comes from ``patch_size(model) -> (h, w)`` when given, else from
+    ``model.patch_embed.patch_size`` when the model has one. Readers registered later are tried first, so a
+    user's reader wins over a built-in one for the models it matches.
     """
-    reader = AttentionReader(name, matches, read, check)
+    reader = AttentionReader(name, matches, read, check, patch_size)
     _READERS.insert(0, reader)
     return reader
 
@@ -62,26 +65,41 @@ def find_reader(model: nn.Module) -> AttentionReader | None:
     return next((r for r in _READERS if r.matches(model)), None)
 
 
+HOLDER_NAMES = ("vit", "backbone", "model")
+"""Attributes of a LightningModule looked at, in order, for the ViT it fine-tunes."""
+
+
+def held_vit(module: nn.Module) -> nn.Module | None:
+    """The first of ``module.vit``, ``module.backbone``, ``module.model`` that is a module; None if none is."""
+    for name in HOLDER_NAMES:
+        inner = getattr(module, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return None
+
+
 def resolve_vit(model: nn.Module) -> nn.Module:
     """The module that holds the ViT: ``model.attention_model()``, ``model`` itself when a reader matches it,
-    else ``model.vit`` or ``model.backbone``."""
+    else ``model.vit``, ``model.backbone`` or ``model.model``."""
     if callable(getattr(model, "attention_model", None)):
         return model.attention_model()
     if find_reader(model) is not None:
         return model
-    for name in ("vit", "backbone"):
-        inner = getattr(model, name, None)
-        if isinstance(inner, nn.Module):
-            return inner
-    return model
+    return held_vit(model) or model
+
+
+def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def patch_size(vit: nn.Module) -> tuple[int, int] | None:
-    """The model's ``(h, w)`` patch size from ``patch_embed.patch_size``; None when it has none."""
+    """The model's ``(h, w)`` patch size: its reader's ``patch_size``, else ``patch_embed.patch_size``; None
+    when neither is known."""
+    reader = find_reader(vit)
+    if reader is not None and reader.patch_size is not None:
+        return reader.patch_size(vit)
     size = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
-    if size is None:
-        return None
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return None if size is None else as_pair(size)
 
 
 def check_model(vit: nn.Module) -> None:
@@ -113,9 +131,11 @@ def check_images(vit: nn.Module, images: Tensor) -> tuple[int, int] | None:
         raise ValueError(
             f"{type(vit).__name__}: image size {h}x{w} is not divisible by the patch size {patch[0]}x{patch[1]}"
         )
+    if not _is_timm_layout(vit):
+        return h // patch[0], w // patch[1]
     fixed = getattr(vit.patch_embed, "img_size", None)
     dynamic = getattr(vit, "dynamic_img_size", False)
-    strict = _is_timm_layout(vit) and not dynamic and getattr(vit.patch_embed, "strict_img_size", True)
+    strict = not dynamic and getattr(vit.patch_embed, "strict_img_size", True)
     if strict and fixed is not None and (h, w) != tuple(fixed):
         raise ValueError(
             f"{type(vit).__name__}: images are {h}x{w} but the model takes {fixed[0]}x{fixed[1]} "
@@ -132,43 +152,51 @@ class _Reached(Exception):
 
 
 @torch.compiler.disable  # the hook stops the model by an exception: run eagerly, also under torch.compile
-def _last_attention_input(vit: nn.Module, images: Tensor) -> tuple[Tensor, dict]:
-    """The input (and keyword arguments, e.g. EVA's ``rope``) of the last block's attention, computed by the
-    model's own ``forward_features`` up to that point; the hook is removed whatever happens."""
+def input_of(module: nn.Module, run: Callable[[], object], what: str) -> tuple[Tensor, dict]:
+    """The hidden states (and keyword arguments, e.g. EVA's ``rope``) that ``module`` is first called with while
+    ``run()`` runs the model as it runs; nothing after that call is computed, and the hook is removed
+    whatever happens. ``what`` names ``run`` in the error raised when ``module`` is never reached."""
     seen: dict = {}
 
     def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["x"], seen["kwargs"] = args[0], kwargs
+        kwargs = dict(kwargs)
+        seen["x"] = args[0] if args else kwargs.pop("hidden_states")
+        seen["kwargs"] = kwargs
         raise _Reached
 
-    handle = vit.blocks[-1].attn.register_forward_pre_hook(stop, with_kwargs=True)
+    handle = module.register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        vit.forward_features(images)
+        run()
     except _Reached:
         pass
     finally:
         handle.remove()
     if "x" not in seen:
-        raise RuntimeError(f"{type(vit).__name__}.forward_features never reached its last block's attention")
+        raise RuntimeError(f"{what} never reached its last layer's attention")
     return seen["x"], seen["kwargs"]
+
+
+def _last_attention_input(vit: nn.Module, images: Tensor) -> tuple[Tensor, dict]:
+    run = lambda: vit.forward_features(images)  # noqa: E731
+    return input_of(vit.blocks[-1].attn, run, f"{type(vit).__name__}.forward_features")
 
 
 def _is_timm_layout(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("patch_embed", "blocks", "_pos_embed", "forward_features"))
 
 
-def _check_cls(vit: nn.Module) -> None:
+def check_cls(vit: nn.Module) -> None:
     if getattr(vit, "cls_token", None) is None:
         name = type(vit).__name__
         raise TypeError(f"{name} has no class token (class_token=False): there is no CLS query to read attention from")
 
 
-def _softmax_cls_row(q: Tensor, k: Tensor, scale: float, prefix: int) -> Tensor:
+def softmax_cls_row(q: Tensor, k: Tensor, scale: float, prefix: int) -> Tensor:
     scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
     return scores.float().softmax(dim=-1)[:, :, 0, prefix:]
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
+def split_heads(t: Tensor, heads: int) -> Tensor:
     b, n, _ = t.shape
     return t.reshape(b, n, heads, -1).transpose(1, 2)
 
@@ -181,9 +209,9 @@ def _timm_vit_attention(vit: nn.Module, images: Tensor) -> Tensor:
     q_bias = None if bias is None else bias[:width]
     k_bias = None if bias is None else bias[width : 2 * width]
     # Only the CLS query row is needed; values and the MLP never enter the attention weights.
-    q = _split_heads(nn.functional.linear(h[:, :1], weight[:width], q_bias), attn.num_heads)
-    k = _split_heads(nn.functional.linear(h, weight[width : 2 * width], k_bias), attn.num_heads)
-    return _softmax_cls_row(attn.q_norm(q), attn.k_norm(k), attn.scale, vit.num_prefix_tokens)
+    q = split_heads(nn.functional.linear(h[:, :1], weight[:width], q_bias), attn.num_heads)
+    k = split_heads(nn.functional.linear(h, weight[width : 2 * width], k_bias), attn.num_heads)
+    return softmax_cls_row(attn.q_norm(q), attn.k_norm(k), attn.scale, vit.num_prefix_tokens)
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
@@ -191,7 +219,7 @@ def _is_timm_vit(model: nn.Module) -> bool:
 
 
 def _check_timm_vit(vit: nn.Module) -> None:
-    _check_cls(vit)
+    check_cls(vit)
     last = vit.blocks[-1]
     attn = getattr(last, "attn", None)
     needed = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
@@ -221,7 +249,7 @@ def _eva_attention(vit: nn.Module, images: Tensor) -> Tensor:
         k = nn.functional.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
     else:
         q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
-    q, k = attn.q_norm(_split_heads(q, heads)), attn.k_norm(_split_heads(k, heads))
+    q, k = attn.q_norm(split_heads(q, heads)), attn.k_norm(split_heads(k, heads))
     rope = kwargs.get("rope")
     if rope is not None:
         # rotary embedding on the patch tokens only, as the model's attention applies it; the CLS query
@@ -230,7 +258,7 @@ def _eva_attention(vit: nn.Module, images: Tensor) -> Tensor:
         half = getattr(attn, "rotate_half", False)
         rotated = apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half).type_as(k)
         k = torch.cat([k[:, :, :npt, :], rotated], dim=2)
-    return _softmax_cls_row(q, k, attn.scale, vit.num_prefix_tokens)
+    return softmax_cls_row(q, k, attn.scale, vit.num_prefix_tokens)
 
 
 def _is_eva(model: nn.Module) -> bool:
@@ -238,7 +266,7 @@ def _is_eva(model: nn.Module) -> bool:
 
 
 def _check_eva(vit: nn.Module) -> None:
-    _check_cls(vit)
+    check_cls(vit)
     last = vit.blocks[-1]
     attn = getattr(last, "attn", None)
     needed = ("num_heads", "scale", "q_norm", "k_norm", "num_prefix_tokens", "q_bias")

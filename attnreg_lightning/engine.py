@@ -66,8 +66,9 @@ class AttentionRegularizer:
     """Bootstrap-regularized CLS attention for a ViT (DESIGN.md, "The method, exactly").
 
     Args:
-        model: a timm ``VisionTransformer``, a model with ``get_last_selfattention``, or a module exposing one
-            through ``attention_model()`` / ``vit`` / ``backbone``.
+        model: a timm ``VisionTransformer`` or EVA, a Hugging Face ViT / DeiT / DINOv2, a model with
+            ``get_last_selfattention``, any model a registered reader matches, or a module exposing one through
+            ``attention_model()`` / ``vit`` / ``backbone`` / ``model``.
         method: null-image generator name (``normal``, ``uniform``, ``pixel``, ``patch``).
         n_bootstrap: null images per image (``N >= 1``).
         thresholds: rule thresholds (reference defaults).

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from attnreg_lightning.attention import HOLDER_NAMES, held_vit
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.regularize import RegularizedAttention
@@ -26,20 +27,20 @@ class AttentionRegularizationMixin:
                 reg = self.regularized_attention(batch[0], n_bootstrap=20)
                 self.log("lfdr_sparsity", reg.sparsity["lfdr"].mean())
 
-    ``attention_model()`` returns the ViT (attribute ``vit``, else ``backbone``); override it when the ViT
-    lives elsewhere. ``attnreg_config`` (optional attribute) holds the default knobs.
+    ``attention_model()`` returns the ViT (attribute ``vit``, else ``backbone``, else ``model``); override it
+    when the ViT lives elsewhere. ``attnreg_config`` (optional attribute) holds the default knobs.
     """
 
     attnreg_config: AttnRegConfig | None = None
 
     def attention_model(self) -> nn.Module:
-        for name in ("vit", "backbone"):
-            inner = getattr(self, name, None)
-            if isinstance(inner, nn.Module):
-                return inner
-        raise TypeError(
-            f"{type(self).__name__} has no 'vit' or 'backbone' module: override attention_model() to return its ViT"
-        )
+        vit = held_vit(self)
+        if vit is None:
+            names = ", ".join(repr(n) for n in HOLDER_NAMES)
+            raise TypeError(
+                f"{type(self).__name__} has no {names} module: override attention_model() to return its ViT"
+            )
+        return vit
 
     def regularized_attention(
         self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None, **overrides

@@ -1,4 +1,5 @@
-"""ViTClassifier: a timm Vision Transformer fine-tuned for classification, with the attention mixin."""
+"""Image classifiers the app fine-tunes, with the attention mixin: ``ViTClassifier`` (timm) and
+``HFViTClassifier`` (Hugging Face ``transformers``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from attnreg_lightning.hf_attention import size_kwargs
 from attnreg_lightning.mixin import AttentionRegularizationMixin
 
 
@@ -37,40 +39,24 @@ def create_vit(
     return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
 
 
-class ViTClassifier(AttentionRegularizationMixin, L.LightningModule):
-    """Fine-tune a timm ViT (AdamW, cosine schedule; ``freeze_backbone=True`` trains only the head, a linear probe).
+class ImageClassifier(AttentionRegularizationMixin, L.LightningModule):
+    """The fine-tuning loop shared by the app's classifiers: cross-entropy, accuracy, AdamW with a linear
+    warm-up and a cosine schedule. Batches are ``(images, labels, ...)`` tuples or dicts with ``image``/``label``
+    keys; subclasses build the network and say which parameters are its head."""
 
-    Batches are ``(images, labels, ...)`` tuples or dicts with ``image``/``label`` keys.
-    """
-
-    def __init__(
-        self,
-        model_name: str = "vit_tiny_patch16_224",
-        num_classes: int = 4,
-        pretrained: bool = False,
-        checkpoint_path: str | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_fraction: float = 0.05,
-        freeze_backbone: bool = False,
-        model_kwargs: dict | None = None,
-    ) -> None:
+    def __init__(self, lr: float, warmup_fraction: float) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        self.save_hyperparameters()
-        self.vit = create_vit(model_name, num_classes, pretrained, checkpoint_path, **(model_kwargs or {}))
-        if freeze_backbone:
-            head = self.vit.get_classifier()
-            for p in self.vit.parameters():
-                p.requires_grad_(False)
-            for p in head.parameters():
-                p.requires_grad_(True)
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.vit(images)
+    def freeze_all_but(self, network: nn.Module, head: list[nn.Parameter]) -> None:
+        """Train only ``head`` (a linear probe)."""
+        for p in network.parameters():
+            p.requires_grad_(False)
+        for p in head:
+            p.requires_grad_(True)
 
     @staticmethod
     def _inputs(batch: Any) -> tuple[Tensor, Tensor]:
@@ -108,3 +94,100 @@ class ViTClassifier(AttentionRegularizationMixin, L.LightningModule):
             milestones=[warmup],
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class ViTClassifier(ImageClassifier):
+    """Fine-tune a timm ViT (AdamW, cosine schedule; ``freeze_backbone=True`` trains only the head, a linear probe).
+
+    Example: ``ViTClassifier("vit_small_patch8_224", num_classes=10)``; the model is ``self.vit``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 4,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        freeze_backbone: bool = False,
+        model_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(lr, warmup_fraction)
+        self.save_hyperparameters()
+        self.vit = create_vit(model_name, num_classes, pretrained, checkpoint_path, **(model_kwargs or {}))
+        if freeze_backbone:
+            self.freeze_all_but(self.vit, list(self.vit.get_classifier().parameters()))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vit(images)
+
+
+def create_hf_vit(
+    model_type: str, num_classes: int, checkpoint_path: str | None = None, config: dict | None = None
+) -> nn.Module:
+    """A Hugging Face ``transformers`` image classifier: random weights from ``AutoConfig.for_model(model_type,
+    **config)``, or a local directory written by ``save_pretrained`` (its own architecture; a classifier of
+    another size is freshly initialized)."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("Hugging Face models need transformers: pip install -e '.[hf]'") from err
+    if checkpoint_path is not None:
+        if config:
+            raise ValueError(
+                "model.config must be null when model.checkpoint_path is set (the checkpoint's architecture is used)"
+            )
+        if not Path(checkpoint_path).is_dir():
+            raise ValueError(f"model.checkpoint_path={checkpoint_path!r} is not a directory written by save_pretrained")
+        return transformers.AutoModelForImageClassification.from_pretrained(
+            checkpoint_path, num_labels=num_classes, ignore_mismatched_sizes=True
+        )
+    try:
+        config_class = transformers.AutoConfig.for_model(model_type).__class__
+    except ValueError as err:
+        raise ValueError(
+            f"model.model_type={model_type!r} is not a transformers model type (read: vit, deit, dinov2, "
+            "dinov2_with_registers)"
+        ) from err
+    # transformers keeps unknown config keys as attributes: a typo would change nothing, silently
+    unknown = sorted(set(config or {}) - set(config_class().to_dict()))
+    if unknown:
+        raise ValueError(f"model.config.{unknown[0]} is not a field of {config_class.__name__}")
+    hf_config = config_class(**(config or {}), num_labels=num_classes)
+    # transformers 5.x iterates config.architectures (None in a fresh config) for types with several classes (DeiT)
+    hf_config.architectures = hf_config.architectures or []
+    return transformers.AutoModelForImageClassification.from_config(hf_config)
+
+
+class HFViTClassifier(ImageClassifier):
+    """Fine-tune a Hugging Face ``transformers`` ViT, DeiT or DINOv2 (``model_type``: ``vit``, ``deit``,
+    ``dinov2``, ``dinov2_with_registers``); same loop as :class:`ViTClassifier`. Images of another size than the
+    config's are run with interpolated position embeddings.
+
+    Example: ``HFViTClassifier("vit", num_classes=10, config={"image_size": 64, "patch_size": 8})``; the model is
+    ``self.model``.
+    """
+
+    def __init__(
+        self,
+        model_type: str = "vit",
+        num_classes: int = 4,
+        checkpoint_path: str | None = None,
+        config: dict | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__(lr, warmup_fraction)
+        self.save_hyperparameters()
+        self.model = create_hf_vit(model_type, num_classes, checkpoint_path, config)
+        if freeze_backbone:
+            prefix = self.model.base_model_prefix + "."
+            head = [p for name, p in self.model.named_parameters() if not name.startswith(prefix)]
+            self.freeze_all_but(self.model, head)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(pixel_values=images, **size_kwargs(self.model, images)).logits

@@ -28,7 +28,7 @@ def _options(group: str) -> list[str]:
 
 
 def test_every_group_has_its_promised_options():
-    assert {"vit_tiny", "vit_small_dino", "deit_small"} <= set(_options("model"))
+    assert {"vit_tiny", "vit_small_dino", "deit_small", "hf_vit", "hf_dinov2"} <= set(_options("model"))
     assert {"shapes", "image_folder"} <= set(_options("data"))
     assert {"default", "paper"} <= set(_options("attnreg"))
     assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= set(_options("trainer"))
@@ -39,8 +39,19 @@ def test_every_group_has_its_promised_options():
 @pytest.mark.parametrize("option", _options("model"))
 def test_model_options_compose(option):
     cfg = _compose(f"model={option}")
-    assert cfg.model._target_ == "attnreg_lightning.models.ViTClassifier"
+    assert cfg.model._target_ in ("attnreg_lightning.models.ViTClassifier", "attnreg_lightning.models.HFViTClassifier")
     assert cfg.model.num_classes == cfg.data.num_classes
+
+
+@pytest.mark.parametrize(
+    ("option", "built"), [("hf_vit", "ViTForImageClassification"), ("hf_dinov2", "Dinov2ForImageClassification")]
+)
+def test_hugging_face_models_build_at_the_datas_size(option, built):
+    pytest.importorskip("transformers")
+    cfg = _compose(f"model={option}", "data.image_size=48")
+    model = instantiate(cfg.model, _convert_="all")
+    assert type(model.model).__name__ == built
+    assert model.model.config.image_size == 48 and model.model.config.num_labels == cfg.data.num_classes
 
 
 def test_vit_small_dino_is_the_papers_model():

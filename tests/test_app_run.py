@@ -54,6 +54,18 @@ def test_train_writes_metrics_and_says_where_wandb_went(tmp_path):
     assert list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
 
 
+def test_a_hugging_face_dinov2_trains_with_maps_and_report(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("model.")]
+    proc = run_app(
+        tmp_path, *tiny, "model=hf_dinov2", "model.config.num_hidden_layers=2", f"hydra.run.dir={tmp_path}/r"
+    )
+    _ok(proc)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["attnreg/explained"] == 8 and 0 <= metrics["attnreg/lfdr/sparsity"] <= 1
+    assert list((tmp_path / "r").glob("wandb/offline-run-*/files/media/images/attnreg/maps_*.png"))
+    assert (tmp_path / "r" / "checkpoints" / "attnreg_report.html").is_file()
+
+
 def test_ddp_cpu_runs_two_processes(tmp_path):
     proc = run_app(tmp_path, *TINY, "trainer=ddp_cpu", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
     _ok(proc)
