@@ -311,6 +311,14 @@ def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tens
     return per_head.mean(dim=1) if heads == "mean" else per_head
 
 
+def num_heads(vit: nn.Module) -> int | None:
+    """The last block's number of heads: timm's ``blocks[-1].attn.num_heads``, else the config's
+    ``num_attention_heads`` (Hugging Face); None when neither is known."""
+    blocks = getattr(vit, "blocks", None)
+    heads = getattr(getattr(blocks[-1], "attn", None), "num_heads", None) if blocks else None
+    return heads if heads is not None else getattr(getattr(vit, "config", None), "num_attention_heads", None)
+
+
 def pixels_per_token(model: nn.Module) -> int:
     """How many image pixels one patch token covers (the patch area); 1 when the patch size is unknown."""
     patch = patch_size(resolve_vit(model))

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from attnreg_lightning.attention import check_model, resolve_vit
+from attnreg_lightning.attention import check_model, num_heads, resolve_vit
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.loggers import PictureRow, log_evolution, log_pictures, log_report, warn_unknown
@@ -198,7 +198,7 @@ class AttentionRegularizationCallback(Callback):
         self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs())
         if self.config.heads == "all" and self.head_scores is None:
             # keys fixed before any batch, so every rank holds the same states
-            self.num_heads = getattr(getattr(vit.blocks[-1], "attn", None), "num_heads", None)
+            self.num_heads = num_heads(vit)
             if self.num_heads is None:
                 raise ValueError(f"{self.prefix}.heads='all': the model's number of heads is unknown")
             self.head_scores = MeanScores(head_score_keys(self.num_heads))

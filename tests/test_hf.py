@@ -100,7 +100,7 @@ def test_two_epoch_fit_with_the_callback_on_an_hf_vit(tmp_path):
     config = {**SMALL, "image_size": IMAGE_SIZE, "intermediate_size": 96}
     torch.manual_seed(0)
     module = HFViTClassifier("vit", num_classes=4, config=config)
-    callback = RecordingCallback(n_bootstrap=2, num_images=8, log_images=0)
+    callback = RecordingCallback(n_bootstrap=2, num_images=8, log_images=0, heads="all")
     trainer = L.Trainer(
         max_epochs=2,
         logger=False,
@@ -116,6 +116,8 @@ def test_two_epoch_fit_with_the_callback_on_an_hf_vit(tmp_path):
         assert ids == callback.seen[0][0][0] and reg.maps["lfdr"].shape == (8, (IMAGE_SIZE // 8) ** 2)
     assert trainer.callback_metrics["attnreg/explained"] == 8
     assert 0 <= trainer.callback_metrics["attnreg/lfdr/sparsity"] <= 1
+    # heads=all: the head count from the transformers config, one key per head
+    assert {f"attnreg/head{h}/discoveries" for h in range(3)} <= set(trainer.callback_metrics)
     # the fit trained: the second epoch's attention is not the first's
     assert not torch.equal(callback.seen[0][0][1].attention, callback.seen[1][0][1].attention)
 
