@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from attnreg_lightning.metrics import (
     token_mask,
 )
 from attnreg_lightning.probes import STABILITY_KEYS, ProbeBook
+from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.report import write_report
 from attnreg_lightning.stats import null_pvalues
 from attnreg_lightning.viz import (
@@ -97,6 +100,21 @@ def default_batch_to_images(batch: Any) -> BatchView:
         masks += [None] * (2 - len(masks))
         return BatchView(images, masks[0], ids, masks[1])
     raise ValueError(f"can't find images in a batch of type {type(batch).__name__}; pass batch_to_images=...")
+
+
+@dataclass
+class _Job:
+    """One validation batch's explained images and what their records need besides the result."""
+
+    batch_idx: int
+    ids: list[int]
+    images: Tensor
+    masks: Tensor | None
+    noise_masks: Tensor | None
+
+
+def _rows_of(masks: Any, rows: list[int]) -> Tensor | None:
+    return None if masks is None else torch.as_tensor(masks)[rows]
 
 
 def _compute(metric: Metric):
@@ -174,6 +192,8 @@ class AttentionRegularizationCallback(Callback):
         self._z: list[tuple[Tensor, Tensor]] = []
         self._warned_loggers = False
         self._logged_config = False
+        self._background = False
+        self._pending: deque[tuple[Future[RegularizedAttention], _Job]] = deque()
 
     @property
     def prefix(self) -> str:
@@ -222,8 +242,13 @@ class AttentionRegularizationCallback(Callback):
         self._explained_ids = set()
         self.image_stats = []
         self._rows, self._z = [], []
+        # background statistics land on the CPU: the metrics gather them there, and move to the device to sync
+        self._background = cfg.statistics == "background" or (
+            cfg.statistics == "auto" and pl_module.device.type == "cuda"
+        )
+        self._pending.clear()
         for metric in self._metrics():
-            metric.to(pl_module.device).reset()
+            metric.to("cpu" if self._background else pl_module.device).reset()
 
     @override
     def on_validation_batch_end(
@@ -252,43 +277,67 @@ class AttentionRegularizationCallback(Callback):
             rows = list(range(min(cfg.num_images - self._seen, size)))
         if not rows:
             return
-        take = len(rows)
         images = view.images[rows].to(pl_module.device)
         ids = [batch_ids[j] for j in rows]
-        self._seen += take
+        self._seen += len(rows)
         self._explained_ids.update(ids)
+        job = _Job(batch_idx, ids, images, _rows_of(view.masks, rows), _rows_of(view.noise_masks, rows))
         try:
-            reg = self.engine(images, sample_ids=ids)
+            if self._background:  # forwards now; statistics in the engine's thread, collected below
+                self._pending.append((self.engine.submit(images, sample_ids=ids), job))
+            else:
+                self._record(trainer, job, self.engine(images, sample_ids=ids))
         except Exception as err:
-            if cfg.on_error == "raise":
-                raise
-            rank_zero_warn(f"{self.prefix}: could not explain {take} image(s) of validation batch {batch_idx}: {err}")
-            self.counts.update(skipped_error=take)
-            return
+            self._failed(err, job)
+        self._collect(trainer, wait=False)
+
+    def _collect(self, trainer: L.Trainer, wait: bool) -> None:
+        """Record the background jobs that are done (all of them with ``wait``), in the order submitted."""
+        while self._pending and (wait or self._pending[0][0].done()):
+            future, job = self._pending.popleft()
+            try:
+                reg = future.result()
+            except Exception as err:  # the statistics thread's exception, raised here in the training process
+                self._failed(err, job)
+                continue
+            self._record(trainer, job, reg)
+
+    def _failed(self, err: Exception, job: _Job) -> None:
+        if self.config.on_error == "raise":
+            raise err
+        take = len(job.ids)
+        rank_zero_warn(f"{self.prefix}: could not explain {take} image(s) of validation batch {job.batch_idx}: {err}")
+        self.counts.update(skipped_error=take)
+
+    def _record(self, trainer: L.Trainer, job: _Job, reg: RegularizedAttention) -> None:
+        """Counts, scores, probes and pictures of one explained batch."""
+        cfg = self.config
         valid = reg.significance.valid
         bad = int((~valid).sum())
         if bad:
             if cfg.on_error == "raise":
                 raise ValueError(
-                    f"{self.prefix}: {bad} degenerate image(s) (constant or non-finite) in batch {batch_idx}"
+                    f"{self.prefix}: {bad} degenerate image(s) (constant or non-finite) in batch {job.batch_idx}"
                 )
             self.counts.update(skipped_degenerate=bad)
         sig = reg.significance
         self.counts.update(
-            explained=take - bad,
+            explained=len(job.ids) - bad,
             lfdr_fit_failed=int((valid & ~sig.fit_ok).sum()),
             clamped_tokens=int(sig.clamped[valid].sum()),
         )
         if not bool(valid.any()):
             return
-        roi = self._token_mask(view.masks, rows, reg.grid, images.device)
-        noise = self._token_mask(view.noise_masks, rows, reg.grid, images.device)
+        device = reg.attention.device
+        roi = self._token_mask(job.masks, reg.grid, device)
+        noise = self._token_mask(job.noise_masks, reg.grid, device)
         scores = image_scores(reg, cfg.maps, roi, noise)
         self.scores.update(scores)
         self.regions.update(reg, roi, noise)
         self.calibration.update(null_pvalues(reg.significance)[valid])
         if roi is not None:
             self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
+        ids = job.ids
         self._follow_probes(reg, ids)
         if reg.per_head is not None and self.head_scores is not None:
             self.head_scores.update(head_scores(reg, self.num_heads))
@@ -297,12 +346,12 @@ class AttentionRegularizationCallback(Callback):
         valid_ids = [ids[i] for i in valid.nonzero().flatten().tolist()]
         self.image_stats += [{"id": i, **{k: v[j] for k, v in listed.items()}} for j, i in enumerate(valid_ids)]
         if trainer.is_global_zero:
-            self._collect_pictures(images, reg, ids, scores, _stage(trainer))
+            self._collect_pictures(job.images, reg, ids, scores, _stage(trainer))
 
     @staticmethod
-    def _token_mask(masks: Tensor | None, rows: list[int], grid, device) -> Tensor | None:
+    def _token_mask(masks: Tensor | None, grid, device) -> Tensor | None:
         # without a known token grid (a model that only offers get_last_selfattention) masks can't be mapped
-        return None if masks is None or grid is None else token_mask(torch.as_tensor(masks)[rows].to(device), grid)
+        return None if masks is None or grid is None else token_mask(masks.to(device), grid)
 
     def _follow_probes(self, reg, ids: list[int]) -> None:
         """Score how each probe's maps moved since the earlier runs; note where they are now."""
@@ -346,8 +395,10 @@ class AttentionRegularizationCallback(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
             return
+        self._collect(trainer, wait=True)
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
-        scores, regions, srmsd, topk_f1, counts, stability, *heads = (_compute(m) for m in self._metrics())
+        metrics = [m.to(pl_module.device) for m in self._metrics()]
+        scores, regions, srmsd, topk_f1, counts, stability, *heads = (_compute(m) for m in metrics)
         values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts, **stability}
         for per_head in heads:
             values.update(per_head)
@@ -393,6 +444,19 @@ class AttentionRegularizationCallback(Callback):
         ]
         config = {self.prefix: dataclasses.asdict(self.config)}
         return write_report(path, self.history, pictures, config, self.prefix, title=f"{self.prefix}: report")
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_statistics()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._stop_statistics()
+
+    def _stop_statistics(self) -> None:
+        self._pending.clear()
+        if isinstance(self.engine, AttentionRegularizer):
+            self.engine.close()
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -37,7 +37,9 @@ class AttnRegConfig:
     metrics and pictures are logged. ``num_images`` is per validation epoch and per rank; ``log_images`` is
     how many of those get a picture row (rank 0 only). ``std_factor``, ``all_channels``, ``patch_size`` and
     ``normalization`` are options of the null generator (``patch_size=None``: the model's patch size;
-    ``normalization="imagenet"``, ``uniform`` only: re-normalized as the paper's code does). ``name`` prefixes every
+    ``normalization="imagenet"``, ``uniform`` only: re-normalized as the paper's code does). ``statistics``: where
+    significance is computed: ``background`` (a CPU thread, while the device runs the next forwards),
+    ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU). ``name`` prefixes every
     logged key and names the callback's checkpoint state (two callbacks in one Trainer need two names).
     """
 
@@ -62,6 +64,7 @@ class AttnRegConfig:
     normalization: Optional[str] = None  # noqa: UP045
     probe_ids: Optional[list[int]] = None  # noqa: UP045
     heads: str = "mean"
+    statistics: str = "auto"
     name: str = "attnreg"
 
     def __post_init__(self) -> None:
@@ -122,6 +125,12 @@ class AttnRegConfig:
             "need null or a non-empty list of sample ids (ints)",
         )
         _require(self.heads in ("mean", "all"), "heads", self.heads, "choose 'mean' or 'all' (each head tested too)")
+        _require(
+            self.statistics in ("auto", "background", "inline"),
+            "statistics",
+            self.statistics,
+            "choose 'auto' (background on a GPU), 'background' (a CPU thread) or 'inline'",
+        )
         _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             "name",

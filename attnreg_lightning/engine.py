@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -60,6 +61,13 @@ def _check_tiles(vit: nn.Module, tile: int | None) -> None:
             f"patch_size={tile}: the patch null's tiles must tile the model's {size[0]}x{size[1]} images "
             "(choose a divisor of the image size, or null for the model's patch size)"
         )
+
+
+def _to_pinned_host(t: Tensor) -> Tensor:
+    """A host copy of a device tensor, enqueued on the current stream: the caller does not wait for it."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class AttentionRegularizer:
@@ -120,6 +128,7 @@ class AttentionRegularizer:
         self._pixels_per_token = pixels_per_token(vit)
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def generators(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None) -> list[torch.Generator]:
         """One generator per image: seeded by (seed, sample id) when ids are given, else the engine's stream."""
@@ -165,7 +174,57 @@ class AttentionRegularizer:
     def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
         """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
         grid = token_grid(self.model, images)
+        return self.explain(*self.observe(images, sample_ids), grid)
+
+    @torch.no_grad()
+    def submit(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> Future[RegularizedAttention]:
+        """:meth:`__call__` in two halves: the forward passes now, the statistics in a background CPU thread.
+
+        On a GPU the attention is copied to pinned host memory without waiting for the device, and the thread
+        computes significance and maps once the copy lands, while the caller goes on (launching the next
+        forwards): the statistics leave the GPU's critical path. ``result()`` is what :meth:`explain` gives for
+        the same attention on the CPU (its tensors on the CPU), or raises the thread's exception. Jobs run one
+        at a time, in the order submitted; :meth:`close` ends the thread.
+
+            futures = [engine.submit(x, ids) for x, ids in batches]   # forwards back to back
+            results = [f.result() for f in futures]
+        """
+        grid = token_grid(self.model, images)
         obs, null = self.observe(images, sample_ids)
+        copied = None
+        if obs.device.type == "cuda":
+            obs, null = _to_pinned_host(obs), _to_pinned_host(null)
+            copied = torch.cuda.Event()
+            copied.record()
+        return self._worker().submit(self._explain_when_copied, obs, null, grid, copied)
+
+    @torch.no_grad()  # grad mode is per thread
+    def _explain_when_copied(
+        self, obs: Tensor, null: Tensor, grid: tuple[int, int] | None, copied: torch.cuda.Event | None
+    ) -> RegularizedAttention:
+        if copied is not None:
+            copied.synchronize()
+        return self.explain(obs, null, grid)
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            # one thread, one intra-op thread: torch's thread count is per OpenMP thread, so the caller's stays
+            self._executor = ThreadPoolExecutor(
+                1, thread_name_prefix="attnreg-statistics", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        return self._executor
+
+    def close(self) -> None:
+        """Wait for the submitted jobs and end the statistics thread (a later :meth:`submit` starts another)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_executor": None}  # a thread is not copied (e.g. into spawned processes)
+
+    def explain(self, obs: Tensor, null: Tensor, grid: tuple[int, int] | None = None) -> RegularizedAttention:
+        """Statistics and maps of the attention :meth:`observe` gave, on the device it is on."""
         if self.heads == "mean":
             return self._regularize(obs, null, grid)
         # the mean over heads is the mean path's attention, its nulls the same images' mean attention

@@ -10,9 +10,11 @@ suite goes on):
 - ``cuda_tests``: ``pytest -m cuda`` (the statistics on the device against the CPU, the engine there);
 - ``engine``: the engine against the forward floor, ViT-S/8 in bf16, 224 and 488 px x N = 1, 10, 50, B = 32
   (per-image ms, ratio, peak memory; see ``bench_engine.py``);
-- ``stats_share``: the engine with and without the statistics (``observe`` alone), interleaved, and
-  ``significance()`` timed alone on the device: the statistics' share of the engine's wall time;
-- ``callback``: callback overhead beyond the engine in a real ``trainer.validate`` on one device;
+- ``stats_share``: six batches through the engine, interleaved: forwards alone (``observe``), statistics
+  inline on the device (``__call__``) and in the background CPU thread (``submit``): the statistics' share of
+  the engine's wall time each way, and ``significance()`` timed alone on the device;
+- ``callback``: a real ``trainer.validate`` on one device with the statistics inline and in the background:
+  validation wall time with and without the callback, and the callback's hooks beyond the engine;
 - ``app``: ``train.py trainer=gpu`` and a one-device DDP run (nccl) with small limits: exit code and time.
 """
 
@@ -99,27 +101,42 @@ def section_stats_share(device: torch.device, quick: bool) -> None:
     from attnreg_lightning import AttentionRegularizer
     from attnreg_lightning.stats import significance
 
-    size, n, batch, rounds = (32, 2, 2, 3) if quick else (224, 10, 32, 7)
+    size, n, batch, batches, rounds = (32, 2, 2, 3, 3) if quick else (224, 10, 32, 6, 5)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model = timm.create_model("vit_small_patch8_224", img_size=size).to(device).eval()
     images = torch.randn(batch, 3, size, size, device=device)
     engine = AttentionRegularizer(model, n_bootstrap=n, autocast_dtype=dtype)
-    ids = list(range(batch))
+    ids = [list(range(i * batch, (i + 1) * batch)) for i in range(batches)]
 
-    obs, null = engine.observe(images, ids)
-    engine(images, ids)  # warm-up
-    full, forwards, stats = [], [], []
-    for _ in range(rounds):  # interleaved: drift hits all three alike
-        full.append(timed(lambda: engine(images, ids), device))
-        forwards.append(timed(lambda: engine.observe(images, ids), device))
-        stats.append(timed(lambda: significance(obs, null), device))
-    full_s, fwd_s, stats_s = (statistics.median(t) for t in (full, forwards, stats))
+    def forwards():  # the floor: observe() alone, batch after batch
+        for i in ids:
+            engine.observe(images, i)
+
+    def inline():  # __call__: statistics on the device, right after each batch's forwards
+        for i in ids:
+            engine(images, i)
+
+    def background():  # submit(): statistics in the CPU thread while the device runs the next batch's forwards
+        for future in [engine.submit(images, i) for i in ids]:
+            future.result()
+
+    obs, null = engine.observe(images, ids[0])
+    inline(), background()  # warm-up (and the thread started)
+    runs = {"forwards": [], "inline": [], "background": [], "significance": []}
+    for _ in range(rounds):  # interleaved: drift hits all alike
+        for name, fn in (("forwards", forwards), ("inline", inline), ("background", background)):
+            runs[name].append(timed(fn, device))
+        runs["significance"].append(timed(lambda: significance(obs, null), device))
+    med = {k: statistics.median(v) for k, v in runs.items()}
     emit(
-        "stats_share", size=size, N=n, B=batch, rounds=rounds, engine_ms=round(full_s * 1e3, 2),
-        forwards_only_ms=round(fwd_s * 1e3, 2), significance_alone_ms=round(stats_s * 1e3, 2),
-        stats_share_of_engine=round((full_s - fwd_s) / full_s, 4),
-        significance_alone_over_engine=round(stats_s / full_s, 4),
+        "stats_share", size=size, N=n, B=batch, batches=batches, rounds=rounds,
+        forwards_only_ms=round(med["forwards"] * 1e3, 2), inline_ms=round(med["inline"] * 1e3, 2),
+        background_ms=round(med["background"] * 1e3, 2),
+        significance_alone_ms_per_batch=round(med["significance"] * 1e3, 2),
+        inline_stats_share=round((med["inline"] - med["forwards"]) / med["inline"], 4),
+        background_stats_share=round((med["background"] - med["forwards"]) / med["background"], 4),
     )  # fmt: skip
+    engine.close()
 
 
 def section_callback(device: torch.device, quick: bool) -> None:
@@ -133,10 +150,13 @@ def section_callback(device: torch.device, quick: bool) -> None:
     cmd = [sys.executable, "benchmarks/bench_callback.py", "--accelerator", accelerator, "--logger", logger]
     if quick:
         cmd += ["--num-images", "4", "--n-bootstrap", "2", "--log-images", "2"]
-    out = run_command("callback", "bench_callback.py", cmd, 180, env={"WANDB_MODE": "offline"})
-    for line in out.splitlines():
-        if line.startswith("{"):
-            emit("callback", **json.loads(line))
+    for where in ("inline", "background"):
+        out = run_command(
+            "callback", f"bench_callback.py {where}", [*cmd, "--statistics", where], 180, env={"WANDB_MODE": "offline"}
+        )
+        for line in out.splitlines():
+            if line.startswith("{"):
+                emit("callback", **json.loads(line))
 
 
 def section_app(device: torch.device, quick: bool) -> None:

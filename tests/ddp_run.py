@@ -9,6 +9,7 @@ each image's first null image and the captions of the pictures it sent to a logg
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import attnreg_lightning.callback as callback_module  # noqa: E402
+import attnreg_lightning.engine as engine_module  # noqa: E402
 from attnreg_lightning import AttentionRegularizationCallback  # noqa: E402
 from attnreg_lightning.callback import default_batch_to_images  # noqa: E402
 from tests.helpers import tiny_data, tiny_module  # noqa: E402
@@ -48,15 +50,12 @@ class Recording(AttentionRegularizationCallback):
 
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
-        engine, self.record = self.engine, {"ids": [], "first_nulls": [], "pictures": []}
+        self.record = {"ids": [], "first_nulls": [], "pictures": []}
 
-        def explain(images, sample_ids=None):
-            reg = engine(images, sample_ids=sample_ids)
-            self.record["ids"] += list(sample_ids)
-            self.record["first_nulls"] += reg.significance.z_null[:, 0].tolist()
-            return reg
-
-        self.engine = explain
+    def _record(self, trainer, job, reg):
+        self.record["ids"] += list(job.ids)
+        self.record["first_nulls"] += reg.significance.z_null[:, 0].tolist()
+        super()._record(trainer, job, reg)
 
 
 def main():
@@ -67,8 +66,20 @@ def main():
     ap.add_argument("--first", type=int)
     ap.add_argument("--no-ids", action="store_true", help="batches carry no sample ids; ranks see the same images")
     ap.add_argument("--log-images", type=int, default=0)
+    ap.add_argument("--statistics", default="auto", choices=["auto", "inline", "background"])
+    ap.add_argument("--on-error", default="warn", choices=["warn", "raise"])
+    ap.add_argument("--fail-statistics-on-rank", type=int, help="this rank's statistics raise (fault injection)")
     args = ap.parse_args()
     L.seed_everything(0)
+    if (
+        args.fail_statistics_on_rank is not None
+        and int(os.environ.get("LOCAL_RANK", 0)) == args.fail_statistics_on_rank
+    ):
+
+        def failing_significance(*args, **kwargs):
+            raise RuntimeError("statistics failed on purpose")
+
+        engine_module.significance = failing_significance
 
     def without_ids(batch):
         view = default_batch_to_images(batch)
@@ -80,6 +91,8 @@ def main():
         num_images=100,
         log_images=args.log_images,
         batch_to_images=without_ids if args.no_ids else None,
+        statistics=args.statistics,
+        on_error=args.on_error,
     )
     real_log_pictures = callback_module.log_pictures
 

@@ -7,7 +7,6 @@ from torch import nn
 
 from attnreg_lightning import AttentionRegularizationCallback
 from attnreg_lightning.data.shapes import ShapesDataModule
-from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.models import ViTClassifier
 from attnreg_lightning.regularize import RegularizedAttention
 
@@ -38,26 +37,15 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class RecordingCallback(AttentionRegularizationCallback):
-    """The callback, keeping every result its engine gives, by epoch (wrapped at each validation run, after
-    a checkpoint's state may have rebuilt the engine)."""
+    """The callback, keeping every result its engine gives, by epoch, as the callback records it."""
 
     def __init__(self, **knobs):
         super().__init__(**knobs)
         self.seen: dict[int, list[tuple[list[int], RegularizedAttention]]] = {}
 
-    def on_validation_epoch_start(self, trainer, pl_module):
-        super().on_validation_epoch_start(trainer, pl_module)
-        engine = self.engine
-        if not isinstance(engine, AttentionRegularizer):
-            return
-
-        def explain(images, sample_ids=None):
-            reg = engine(images, sample_ids=sample_ids)
-            self.seen.setdefault(trainer.current_epoch, []).append((list(sample_ids), reg))
-            return reg
-
-        self.engine = explain
-        self.engine.model = engine.model
+    def _record(self, trainer, job, reg):
+        self.seen.setdefault(trainer.current_epoch, []).append((list(job.ids), reg))
+        super()._record(trainer, job, reg)
 
     def ids(self, epoch: int) -> list[int]:
         """The sample ids explained at ``epoch``, in the order they were explained."""

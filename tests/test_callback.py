@@ -1,4 +1,5 @@
 import csv
+import threading
 import warnings
 from pathlib import Path
 
@@ -472,3 +473,46 @@ def test_per_head_metrics_and_pictures(tmp_path):
     (with_heads,) = (Path(logger.log_dir) / "attnreg").glob("step*.png")
     (without,) = (Path(logger.log_dir) / "plain").glob("step*.png")
     assert Image.open(with_heads).height > 1.8 * Image.open(without).height  # a row of per-head lfdr maps added
+
+
+def test_background_statistics_log_and_record_exactly_what_inline_statistics_do(tmp_path):
+    runs = {}
+    for where in ("inline", "background"):
+        cb = RecordingCallback(n_bootstrap=3, num_images=12, log_images=1, statistics=where, heads="all")
+        trainer = _trainer(tmp_path / where, [cb], False, max_epochs=2, limit_train_batches=2)
+        trainer.fit(perturb(tiny_module()), tiny_data(val_size=24, batch_size=4))
+        runs[where] = (cb, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("attnreg/")})
+    (inline, logged), (background, logged_bg) = runs["inline"], runs["background"]
+    assert logged_bg == logged and logged["attnreg/explained"] == 12
+    np.testing.assert_equal(background.image_stats, inline.image_stats)  # NaN scores (empty maps) equal too
+    assert len(inline.image_stats) == 12
+    for epoch in (0, 1):  # every batch recorded, in order, with the same maps
+        assert background.ids(epoch) == inline.ids(epoch)
+        for (_, a), (_, b) in zip(background.seen[epoch], inline.seen[epoch], strict=True):
+            assert torch.equal(a.maps["lfdr"], b.maps["lfdr"]) and torch.equal(
+                a.per_head.maps["lfdr"], b.per_head.maps["lfdr"]
+            )
+    assert [r.caption for r in background._last_rows] == [r.caption for r in inline._last_rows]
+    assert background.history == inline.history
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_an_exception_in_the_statistics_thread_is_warned_and_counted_or_raised(tmp_path, monkeypatch, on_error):
+    def failing(*args, **kwargs):
+        raise RuntimeError("statistics failed on purpose")
+
+    monkeypatch.setattr("attnreg_lightning.engine.significance", failing)
+    cb = AttentionRegularizationCallback(
+        n_bootstrap=2, num_images=8, log_images=0, statistics="background", on_error=on_error
+    )
+    trainer = _trainer(tmp_path, [cb], False)
+    data = tiny_data(val_size=8, batch_size=4)
+    before = set(threading.enumerate())
+    if on_error == "raise":
+        with pytest.raises(RuntimeError, match="statistics failed on purpose"):
+            trainer.validate(tiny_module(), data)
+    else:
+        with pytest.warns(UserWarning, match="could not explain 4 image.*statistics failed on purpose"):
+            (logged,) = trainer.validate(tiny_module(), data)
+        assert logged["attnreg/skipped_error"] == 8 and logged["attnreg/explained"] == 0
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]  # the thread ended either way

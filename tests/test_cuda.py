@@ -67,3 +67,20 @@ def test_bfloat16_engine_on_cuda_is_close_to_float32(cuda_vit):
         assert not torch.equal(f, h)  # bf16 really ran
         # bf16 keeps ~3 significant digits: attention (rows sum to 1) moves by a few percent at most
         torch.testing.assert_close(h, f, rtol=0.1, atol=2e-4)
+
+
+def test_background_statistics_of_cuda_attention_are_the_cpus_for_the_same_attention(cuda_vit):
+    images = torch.randn(8, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    ids = list(range(8))
+    engine = AttentionRegularizer(cuda_vit, n_bootstrap=5, autocast_dtype=torch.bfloat16, heads="all")
+    obs, null = engine.observe(images, ids)
+    want = engine.explain(obs.cpu(), null.cpu(), (8, 8))
+    futures = [engine.submit(images, ids) for _ in range(3)]  # copies in flight while the next forwards run
+    for got in (f.result() for f in futures):
+        assert got.attention.device.type == "cpu"
+        assert torch.equal(got.attention, want.attention) and torch.equal(got.significance.z, want.significance.z)
+        for name in MAP_NAMES:
+            assert torch.equal(got.maps[name], want.maps[name]) and torch.equal(
+                got.per_head.maps[name], want.per_head.maps[name]
+            )
+    engine.close()

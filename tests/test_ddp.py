@@ -73,3 +73,22 @@ def test_ddp_without_ids_gives_each_rank_its_own_nulls(tmp_path):
     assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
     for a, b in zip(ranks[0]["first_nulls"], ranks[1]["first_nulls"], strict=True):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) > 0.1
+
+
+def test_background_statistics_in_ddp_report_what_one_inline_process_reports(tmp_path):
+    single = _run(tmp_path, "single", "--devices", "1", "--statistics", "inline")
+    ddp = _run(tmp_path, "ddp", "--devices", "2", "--statistics", "background")
+    assert ddp["attnreg/explained"] == 24
+    _assert_same_metrics(ddp, single)
+
+
+def test_a_failing_statistics_thread_on_one_rank_stops_the_run_with_its_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    args = ["--devices", "2", "--statistics", "background", "--on-error", "raise", "--fail-statistics-on-rank", "1"]
+    # a hang (the other rank waiting in a collective) would end in TimeoutExpired
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "out.json"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "statistics failed on purpose" in proc.stderr

@@ -1,3 +1,6 @@
+import copy
+import threading
+
 import pytest
 import timm
 import torch
@@ -6,6 +9,7 @@ from attnreg_lightning.attention import cls_attention
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds, regularize
 from attnreg_lightning.stats import significance
+from tests.helpers import perturb
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +250,41 @@ def test_per_head_significance_tests_each_head_against_its_own_null_without_extr
             assert torch.equal(per.significance.lfdr[b * heads + h], alone.lfdr[0])
     with pytest.raises(ValueError, match="heads"):
         AttentionRegularizer(vit, heads="max")
+
+
+def _statistics_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("attnreg-statistics")]
+
+
+@pytest.mark.parametrize("heads", ["mean", "all"])
+def test_submit_gives_the_calls_result_from_a_background_thread(vit, heads):
+    engine = AttentionRegularizer(perturb(copy.deepcopy(vit), 3), n_bootstrap=3, heads=heads)
+    batches = [(_images(4, seed), list(range(4 * seed, 4 * seed + 4))) for seed in range(3)]
+    threads, before = torch.get_num_threads(), set(_statistics_threads())
+    futures = [engine.submit(images, ids) for images, ids in batches]  # forwards back to back
+    (thread,) = set(_statistics_threads()) - before
+    assert torch.get_num_threads() == threads  # the thread's own setting is its own
+    for future, (images, ids) in zip(futures, batches, strict=True):
+        got, want = future.result(), engine(images, ids)
+        for a, b in ((got, want), (got.per_head, want.per_head)) if heads == "all" else ((got, want),):
+            assert torch.equal(a.attention, b.attention) and a.grid == b.grid
+            for field in ("z", "z_null", "p", "pi0", "lfdr", "q", "valid", "fit_ok", "clamped"):
+                assert torch.equal(getattr(a.significance, field), getattr(b.significance, field)), field
+            for name in MAP_NAMES:
+                assert torch.equal(a.maps[name], b.maps[name]), name
+    engine.close()
+    assert not thread.is_alive()
+
+
+def test_an_exception_in_the_statistics_thread_is_raised_by_result(vit, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("statistics failed on purpose")
+
+    engine = AttentionRegularizer(vit, n_bootstrap=2)
+    monkeypatch.setattr("attnreg_lightning.engine.significance", failing)
+    future = engine.submit(_images(2), [0, 1])  # the forwards ran; the failure waits in the future
+    with pytest.raises(RuntimeError, match="statistics failed on purpose"):
+        future.result()
+    monkeypatch.undo()
+    assert engine.submit(_images(2), [0, 1]).result().maps["lfdr"].shape == (2, 16)  # the thread lives on
+    engine.close()

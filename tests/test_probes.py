@@ -128,6 +128,7 @@ def test_stability_scores_are_what_the_maps_say(tmp_path):
         enable_model_summary=False,
         enable_checkpointing=False,
         limit_train_batches=3,
+        default_root_dir=tmp_path,  # the report goes there, not into the working directory
     ).fit(module, tiny_data())
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         last = [r for r in csv.DictReader(f) if r.get("attnreg/explained")][-1]

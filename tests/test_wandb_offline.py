@@ -41,6 +41,7 @@ def test_callback_logs_metrics_images_table_and_histograms(tmp_path, monkeypatch
         limit_train_batches=2,
         enable_progress_bar=False,
         enable_checkpointing=False,
+        default_root_dir=tmp_path,  # the report goes there, not into the working directory
     )
     trainer.fit(tiny_module(), tiny_data())
     wandb.finish()
