@@ -161,7 +161,7 @@ def test_the_package_imports_and_reads_timm_models_without_transformers(tmp_path
     # libraries probe before importing it)
     site = tmp_path / "site"
     site.mkdir()
-    packages = Path(transformers.__file__).resolve().parents[1]
+    packages = Path(torch.__file__).resolve().parents[1]  # site-packages
     for entry in packages.iterdir():
         if not entry.name.startswith("transformers"):
             (site / entry.name).symlink_to(entry)
