@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.config import register_configs
 from attnreg_lightning.data.folder import ImageFiles
-from attnreg_lightning.models import ViTClassifier
+from attnreg_lightning.models import HFViTClassifier, ImageClassifier, ViTClassifier
 
 register_configs()
 
@@ -40,21 +40,25 @@ class Explained(L.LightningModule):
         return None
 
 
-def load_checkpoint(path: str) -> ViTClassifier:
-    """The checkpoint's model; a missing file or another kind of checkpoint is named in the error."""
+def load_checkpoint(path: str) -> ImageClassifier:
+    """The checkpoint's model (timm or Hugging Face); a missing file or another kind of checkpoint is named in
+    the error."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path={path!r}: no such file")
     try:
         # a checkpoint the user names is trusted, as Lightning's own loading trusts it
         state = torch.load(path, map_location="cpu", weights_only=False)
-        # the weights are the checkpoint's: nothing to download or read besides it
-        model = ViTClassifier(**{**state["hyper_parameters"], "pretrained": False, "checkpoint_path": None})
+        hparams = state["hyper_parameters"]
+        if "model_type" in hparams:  # HFViTClassifier: its architecture is its config (or its local directory)
+            model = HFViTClassifier(**hparams)
+        else:  # the weights are the checkpoint's: nothing to download or read besides it
+            model = ViTClassifier(**{**hparams, "pretrained": False, "checkpoint_path": None})
         model.load_state_dict(state["state_dict"])
         return model
     except Exception as err:
         raise ValueError(
-            f"ckpt_path={path!r} is not a checkpoint of attnreg_lightning's ViTClassifier (train.py writes them): "
-            f"{type(err).__name__}: {err}"
+            f"ckpt_path={path!r} is not a checkpoint of attnreg_lightning's ViTClassifier or HFViTClassifier "
+            f"(train.py writes them): {type(err).__name__}: {err}"
         ) from err
 
 
@@ -64,6 +68,11 @@ def explain(cfg: DictConfig) -> Path:
     output_dir = Path(cfg.paths.output_dir)
     model = load_checkpoint(cfg.ckpt_path)
     if cfg.images:
+        if not isinstance(model, ViTClassifier):
+            raise ValueError(
+                "images= takes its resizing and normalization from a timm model's pretrained config: for a Hugging "
+                "Face checkpoint explain a data= set instead (e.g. data=image_folder data.root=... data.model_name=...)"
+            )
         files = ImageFiles(cfg.images, model.hparams.model_name, model.vit.patch_embed.img_size[0])
         data, batch_size = {"dataloaders": DataLoader(files, batch_size=cfg.batch_size)}, cfg.batch_size
     else:
@@ -79,7 +88,7 @@ def explain(cfg: DictConfig) -> Path:
         enable_checkpointing=False,
         limit_val_batches=-(-attnreg.num_images // batch_size) if batch_size else 1.0,
     )
-    trainer.validate(Explained(model.vit), verbose=False, **data)
+    trainer.validate(Explained(model.attention_model()), verbose=False, **data)
     stats = callback.image_stats
     if files is not None:
         for row in stats:

@@ -54,7 +54,7 @@ def test_train_writes_metrics_and_says_where_wandb_went(tmp_path):
     assert list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
 
 
-def test_a_hugging_face_dinov2_trains_with_maps_and_report(tmp_path):
+def test_a_hugging_face_dinov2_trains_with_maps_and_report_and_is_explained(tmp_path):
     tiny = [o for o in TINY if not o.startswith("model.")]
     proc = run_app(
         tmp_path, *tiny, "model=hf_dinov2", "model.config.num_hidden_layers=2", f"hydra.run.dir={tmp_path}/r"
@@ -64,6 +64,17 @@ def test_a_hugging_face_dinov2_trains_with_maps_and_report(tmp_path):
     assert metrics["attnreg/explained"] == 8 and 0 <= metrics["attnreg/lfdr/sparsity"] <= 1
     assert list((tmp_path / "r").glob("wandb/offline-run-*/files/media/images/attnreg/maps_*.png"))
     assert (tmp_path / "r" / "checkpoints" / "attnreg_report.html").is_file()
+    # explain.py rebuilds the Hugging Face model from the checkpoint and explains its validation images
+    ckpt = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    knobs = ["data.image_size=48", "attnreg.num_images=4", "attnreg.log_images=1", "attnreg.n_bootstrap=2"]
+    proc = run_app(tmp_path, f"ckpt_path={ckpt}", *knobs, f"hydra.run.dir={tmp_path}/x", script="explain.py")
+    _ok(proc)
+    stats = json.loads((tmp_path / "x" / "explain_stats.json").read_text())
+    assert len(stats) == 4 and all(0 <= s["lfdr/sparsity"] <= 1 for s in stats)
+    proc = run_app(
+        tmp_path, f"ckpt_path={ckpt}", f"images={tmp_path}", f"hydra.run.dir={tmp_path}/y", script="explain.py"
+    )
+    assert proc.returncode != 0 and "for a Hugging Face checkpoint explain a data= set instead" in proc.stderr
 
 
 def test_ddp_cpu_runs_two_processes(tmp_path):
