@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from attnreg_lightning import AttentionRegularizationCallback
 from attnreg_lightning.data.shapes import ShapesDataModule
@@ -23,6 +25,24 @@ def tiny_data(train_size: int = 64, val_size: int = 24, batch_size: int = 8, **k
     return ShapesDataModule(
         train_size=train_size, val_size=val_size, batch_size=batch_size, image_size=IMAGE_SIZE, **kwargs
     )
+
+
+class OrderedData(L.LightningDataModule):
+    """The tiny shapes data, each loader's order chosen (``shuffle_train``, ``shuffle_val``; ids carried)."""
+
+    def __init__(self, shuffle_train: bool, shuffle_val: bool) -> None:
+        super().__init__()
+        self.inner = tiny_data()
+        self.shuffle_train, self.shuffle_val = shuffle_train, shuffle_val
+
+    def setup(self, stage=None):
+        self.inner.setup(stage)
+
+    def train_dataloader(self):
+        return DataLoader(self.inner.train_set, self.inner.batch_size, shuffle=self.shuffle_train)
+
+    def val_dataloader(self):
+        return DataLoader(self.inner.val_set, self.inner.batch_size, shuffle=self.shuffle_val)
 
 
 def perturb(model: nn.Module, seed: int = 0) -> nn.Module:

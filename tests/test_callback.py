@@ -16,7 +16,7 @@ from attnreg_lightning.callback import BatchView, default_batch_to_images
 from attnreg_lightning.metrics import score_keys
 from attnreg_lightning.regularize import regularize
 from attnreg_lightning.stats import significance
-from tests.helpers import RecordingCallback, perturb, tiny_data, tiny_module
+from tests.helpers import OrderedData, RecordingCallback, perturb, tiny_data, tiny_module
 from tests.oracle import oracle_image, oracle_maps
 
 MAPS = ["p", "lfdr", "pi0", "posterior"]
@@ -387,23 +387,6 @@ def test_logged_values_of_one_batch_match_an_independent_numpy_recomputation(tmp
     assert logged["attnreg/explained"] == 8
 
 
-class _InOrder(L.LightningDataModule):
-    """The tiny shapes data, trained in a fixed order: a resumed fit then trains exactly as an uninterrupted one."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = tiny_data()
-
-    def setup(self, stage=None):
-        self.inner.setup(stage)
-
-    def train_dataloader(self):
-        return DataLoader(self.inner.train_set, self.inner.batch_size, shuffle=False)
-
-    def val_dataloader(self):
-        return self.inner.val_dataloader()
-
-
 def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
     def run(root, ckpt_path=None, seed=3, interrupt=False):
         L.seed_everything(0)
@@ -414,7 +397,7 @@ def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
                 LambdaCallback(on_train_epoch_end=lambda trainer, _: setattr(trainer, "should_stop", True))
             )
         trainer = _trainer(root, callbacks, False, max_epochs=3)
-        trainer.fit(tiny_module(), _InOrder(), ckpt_path=ckpt_path)
+        trainer.fit(tiny_module(), OrderedData(shuffle_train=False, shuffle_val=False), ckpt_path=ckpt_path)
         cb.logged = dict(trainer.callback_metrics)
         return cb
 

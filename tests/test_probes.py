@@ -10,10 +10,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from scipy import stats as sps
-from torch.utils.data import DataLoader
 
 from attnreg_lightning.metrics import average_ranks, iou, spearman
-from tests.helpers import RecordingCallback, tiny_data, tiny_module
+from tests.helpers import OrderedData, RecordingCallback, tiny_data, tiny_module
 
 STABILITY = ["attnreg/stability/lfdr_iou", "attnreg/stability/z_spearman", "attnreg/stability/lfdr_iou_first"]
 
@@ -29,23 +28,6 @@ def test_iou_and_spearman_by_hand_and_against_scipy():
     assert spearman(x, y) == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-12)
     assert spearman(x, -x) == pytest.approx(-1.0)
     assert np.isnan(spearman(x, np.ones(50)))
-
-
-class ShuffledVal(L.LightningDataModule):
-    """The tiny shapes data with validation batches in a new order every epoch (ids carried)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = tiny_data()
-
-    def setup(self, stage=None):
-        self.inner.setup(stage)
-
-    def train_dataloader(self):
-        return self.inner.train_dataloader()
-
-    def val_dataloader(self):
-        return DataLoader(self.inner.val_set, batch_size=8, shuffle=True)
 
 
 def _fit(tmp_path, data, **knobs):
@@ -69,7 +51,7 @@ def _fit(tmp_path, data, **knobs):
 
 
 def test_shuffled_validation_explains_the_same_probe_ids_and_logs_how_their_maps_move(tmp_path):
-    cb, rows, log_dir = _fit(tmp_path, ShuffledVal())
+    cb, rows, log_dir = _fit(tmp_path, OrderedData(shuffle_train=True, shuffle_val=True))
     first = cb.ids(0)
     assert len(first) == 6
     assert [sorted(cb.ids(e)) for e in range(3)] == [sorted(first)] * 3
@@ -102,7 +84,7 @@ def test_end_of_fit_report_beside_the_checkpoints(tmp_path):
 
 
 def test_explicit_probe_ids_are_found_wherever_they_are(tmp_path):
-    data = ShuffledVal()
+    data = OrderedData(shuffle_train=True, shuffle_val=True)
     data.setup()
     wanted = [int(data.inner.val_set[i][3]) for i in (20, 3, 11)]
     cb, rows, _ = _fit(tmp_path, data, probe_ids=wanted)
