@@ -185,7 +185,7 @@ def _is_timm_layout(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("patch_embed", "blocks", "_pos_embed", "forward_features"))
 
 
-def check_cls(vit: nn.Module) -> None:
+def _check_cls(vit: nn.Module) -> None:
     if getattr(vit, "cls_token", None) is None:
         name = type(vit).__name__
         raise TypeError(f"{name} has no class token (class_token=False): there is no CLS query to read attention from")
@@ -219,7 +219,7 @@ def _is_timm_vit(model: nn.Module) -> bool:
 
 
 def _check_timm_vit(vit: nn.Module) -> None:
-    check_cls(vit)
+    _check_cls(vit)
     last = vit.blocks[-1]
     attn = getattr(last, "attn", None)
     needed = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
@@ -266,7 +266,7 @@ def _is_eva(model: nn.Module) -> bool:
 
 
 def _check_eva(vit: nn.Module) -> None:
-    check_cls(vit)
+    _check_cls(vit)
     last = vit.blocks[-1]
     attn = getattr(last, "attn", None)
     needed = ("num_heads", "scale", "q_norm", "k_norm", "num_prefix_tokens", "q_bias")
