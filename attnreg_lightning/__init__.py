@@ -1,6 +1,5 @@
 """Bootstrap-regularized attention maps for Vision Transformers (Chung & Laletin, AISTATS 2026)."""
 
-from attnreg_lightning import hf_attention  # noqa: F401  (registers the Hugging Face reader)
 from attnreg_lightning.attention import register_attention_reader
 from attnreg_lightning.callback import AttentionRegularizationCallback, BatchView
 from attnreg_lightning.config import AttnRegConfig

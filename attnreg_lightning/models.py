@@ -11,8 +11,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from attnreg_lightning.hf_attention import size_kwargs
 from attnreg_lightning.mixin import AttentionRegularizationMixin
+from attnreg_lightning.readers.hf import size_kwargs
 
 
 def create_vit(

@@ -153,18 +153,33 @@ def test_rope_vit_at_another_size_reads_its_own_attention():
     torch.testing.assert_close(reg.attention, got.mean(1))
 
 
-def test_a_rope_model_whose_attention_is_not_evas_is_refused_naming_the_reason():
-    from attnreg_lightning import AttentionRegularizer
+class _OwnAttention(nn.Module):
+    """An attention timm does not define: weights formed by a kernel the reader can't see into."""
 
-    odd = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
-    odd.rope = None  # rotary embeddings announced, but a plain timm Attention that would not apply them
-    with pytest.raises(TypeError, match="VisionTransformer uses rotary position embeddings.*refused"):
+    def __init__(self, attn):
+        super().__init__()
+        self.inner, self.num_heads = attn, attn.num_heads
+
+    def forward(self, x, **kwargs):
+        return self.inner.proj(x)
+
+
+def test_an_attention_the_engine_does_not_know_is_refused_naming_it():
+    from attnreg_lightning import AttentionRegularizer
+    from attnreg_lightning.readers.core import cls_logits
+
+    odd = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    odd.blocks[-1].attn = _OwnAttention(odd.blocks[-1].attn)
+    with pytest.raises(TypeError, match="VisionTransformer: its last attention \\(_OwnAttention\\) is not one the"):
         AttentionRegularizer(odd)
+    # and a module that forms its weights with neither SDPA nor a softmax can't be caught: said, not guessed
+    with pytest.raises(TypeError, match="_OwnAttention\\) formed its weights with neither"):
+        cls_logits(odd.blocks[-1].attn, lambda: odd.forward_features(_images(1, 32, 32)), "odd")
 
 
 def test_a_user_registered_reader_teaches_the_engine_a_new_model():
     from attnreg_lightning import AttentionRegularizer, register_attention_reader
-    from attnreg_lightning.attention import _READERS
+    from attnreg_lightning.readers import unregister_attention_reader
 
     class Tiny(nn.Module):
         """Not a ViT any reader knows: CLS attention computed from its own logits."""
@@ -178,7 +193,7 @@ def test_a_user_registered_reader_teaches_the_engine_a_new_model():
         def cls_scores(self, images):
             return self.scores(images).flatten(2)  # [B, 2, T]
 
-    with pytest.raises(TypeError, match="readers tried: .*timm VisionTransformer.*register_attention_reader"):
+    with pytest.raises(TypeError, match="readers tried: .*timm Vision Transformer.*register_attention_reader"):
         AttentionRegularizer(Tiny())
     reader = register_attention_reader(
         "tiny", lambda m: isinstance(m, Tiny), lambda m, x: m.cls_scores(x).softmax(-1) * 0.9
@@ -192,4 +207,4 @@ def test_a_user_registered_reader_teaches_the_engine_a_new_model():
         torch.testing.assert_close(reg.attention, want)
         assert reg.grid == (4, 4) and reg.significance.valid.all()
     finally:
-        _READERS.remove(reader)
+        unregister_attention_reader(reader)
