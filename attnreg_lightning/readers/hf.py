@@ -48,8 +48,11 @@ def _is_hf_vision(model: nn.Module) -> bool:
 
 
 def tower(model: nn.Module) -> nn.Module:
-    """The vision backbone: ``vision_model`` (CLIP-family heads), else the base model (``ViTModel`` inside
-    ``ViTForImageClassification``, ...), the model itself when it is one."""
+    """The vision backbone: the model itself when it holds the embeddings (DINOv3's ``base_model`` is its
+    encoder), else ``vision_model`` (CLIP-family heads), else the base model (``ViTModel`` inside
+    ``ViTForImageClassification``, ...)."""
+    if isinstance(getattr(model, "embeddings", None), nn.Module):
+        return model
     inner = getattr(model, "vision_model", None)
     return inner if isinstance(inner, nn.Module) else model.base_model
 
