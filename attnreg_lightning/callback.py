@@ -271,10 +271,15 @@ class AttentionRegularizationCallback(Callback):
             base = trainer.global_rank * _FALLBACK_ID_STRIDE + self._position
             batch_ids = list(range(base, base + size))
         self._position += size
+        # an image a loader yields twice in a run (in two batches, or twice in one) is explained once
+        first = {}
+        for j, i in enumerate(batch_ids):
+            first.setdefault(i, j)
+        fresh = [j for i, j in first.items() if i not in self._explained_ids]
         if self.probes.chosen:  # the probes, wherever they are (shuffled or distributed loaders)
-            rows = [j for j, i in enumerate(batch_ids) if self.probes.is_probe(i) and i not in self._explained_ids]
+            rows = [j for j in fresh if self.probes.is_probe(batch_ids[j])]
         else:  # the first explained run picks them: the first num_images this rank sees
-            rows = list(range(min(cfg.num_images - self._seen, size)))
+            rows = fresh[: max(0, cfg.num_images - self._seen)]
         if not rows:
             return
         images = view.images[rows].to(pl_module.device)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
-from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
+from attnreg_lightning import AttentionRegularizationCallback, AttentionRegularizer, AttnRegConfig
 from attnreg_lightning.callback import BatchView, default_batch_to_images
 from attnreg_lightning.metrics import score_keys
 from attnreg_lightning.regularize import regularize
@@ -141,21 +141,6 @@ def test_every_n_epochs_counts_validation_runs(tmp_path, trainer_kw, every, expl
     assert len(list((Path(logger.log_dir) / "attnreg").glob("step*.png"))) == len(explained_at)
 
 
-def test_state_round_trips_through_a_checkpoint(tmp_path):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, seed=11, log_images=0)
-    _trainer(tmp_path, [cb, ckpt], max_epochs=1).fit(tiny_module(), tiny_data())
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
-    state = next(v for k, v in saved.items() if "AttentionRegularizationCallback" in k)
-    assert state["explained_total"] == 4 and state["config"]["seed"] == 11
-
-    resumed = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, seed=11, log_images=0)
-    _trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=2).fit(
-        tiny_module(), tiny_data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
-    )
-    assert resumed.explained_total == 8
-
-
 def test_degenerate_images_are_skipped_and_counted(tmp_path):
     def spoil(batch):
         x = batch[0].clone()
@@ -170,6 +155,7 @@ def test_degenerate_images_are_skipped_and_counted(tmp_path):
     rows = [r for r in _read_csv(logger) if r.get("attnreg/explained")]
     assert float(rows[-1]["attnreg/skipped_degenerate"]) == 2 and float(rows[-1]["attnreg/explained"]) == 6
     assert float(rows[-1]["attnreg/skipped_error"]) == 0
+    assert float(rows[-1]["attnreg/lfdr_fit_failed"]) == 0  # the degenerate images' fits are not failures
 
     raising = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, on_error="raise")
     with pytest.raises(ValueError, match="degenerate"):
@@ -187,6 +173,74 @@ def test_engine_errors_are_reported_apart_with_their_message(tmp_path):
     row = [r for r in _read_csv(logger) if r.get("attnreg/explained")][-1]
     assert float(row["attnreg/skipped_error"]) == 8
     assert float(row["attnreg/explained"]) == 0 and float(row["attnreg/skipped_degenerate"]) == 0
+
+
+class Twice(L.LightningDataModule):
+    """Every validation image yielded twice: in two batches (``batch_size=8``) or twice in one (16)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.inner, self.batch_size = tiny_data(val_size=8), batch_size
+
+    def setup(self, stage=None):
+        self.inner.setup(stage)
+
+    def val_dataloader(self):
+        return DataLoader(ConcatDataset([self.inner.val_set] * 2), self.batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [8, 16], ids=["two-batches", "one-batch"])
+def test_an_image_yielded_twice_in_a_run_is_explained_once(tmp_path, batch_size):
+    cb = RecordingCallback(n_bootstrap=2, num_images=12, log_images=1)
+    trainer = _trainer(tmp_path, [cb], False)
+    data = Twice(batch_size)
+    for run in range(2):  # the first run picks the probes; the second finds them
+        cb.seen.clear()
+        trainer.validate(tiny_module(), data, verbose=False)
+        ids = cb.ids(0)
+        assert sorted(ids) == sorted(set(ids)) and len(ids) == 8, run
+        assert trainer.callback_metrics["attnreg/explained"] == 8
+
+
+def test_any_exception_of_the_engine_is_warned_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    class Unexpected(Exception):
+        pass
+
+    def explode(self, images, sample_ids=None):
+        raise Unexpected("the engine broke: 42")
+
+    monkeypatch.setattr(AttentionRegularizer, "__call__", explode)
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, statistics="inline")
+    trainer = _trainer(tmp_path, [cb], False)
+    with pytest.warns(UserWarning, match="could not explain 8 image.*the engine broke: 42"):
+        trainer.validate(tiny_module(), tiny_data(val_size=8), verbose=False)
+    assert trainer.callback_metrics["attnreg/skipped_error"] == 8
+    assert trainer.callback_metrics["attnreg/explained"] == 0
+
+
+def test_region_metrics_use_only_images_with_region_tokens(tmp_path):
+    """The same 8 images with their masks, then beside 8 more whose masks are empty: every region metric is the
+    same (sample ids make each image's maps its own), while metrics over all images do move."""
+
+    def validate(val_size, empty_from):
+        def drop_masks(batch):
+            masks = batch[2].clone()
+            masks[batch[3] >= data.inner.val_set.id_offset + empty_from] = 0
+            return (batch[0], batch[1], masks, batch[3])
+
+        data = MappedVal(drop_masks)
+        data.inner = tiny_data(val_size=val_size)
+        cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=val_size, log_images=0)
+        trainer = _trainer(tmp_path, [cb], False)
+        trainer.validate(tiny_module(), data, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    alone, beside = validate(8, 8), validate(16, 8)
+    regional = [k for k in alone if "roi_" in k or "/roi" in k]
+    assert len(regional) > 20 and "attnreg/lfdr/roi_precision" in regional
+    for key in regional:
+        assert beside[key] == pytest.approx(alone[key], rel=1e-9, abs=1e-12), key
+    assert beside["attnreg/explained"] == 16 and beside["attnreg/raw/gini"] != alone["attnreg/raw/gini"]
 
 
 def test_two_callbacks_in_one_fit_keep_their_keys_and_states_apart(tmp_path):
@@ -415,6 +469,21 @@ def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
     # the probes' records came with the checkpoint: the resumed run compares with the first run's maps
     for key in ("attnreg/stability/lfdr_iou", "attnreg/stability/z_spearman", "attnreg/stability/lfdr_iou_first"):
         assert resumed.logged[key] == whole.logged[key], key
+    # and the whole state is the uninterrupted run's: totals, run count, every run's logged values, probe records
+    assert (resumed.explained_total, resumed.skipped_total) == (whole.explained_total, whole.skipped_total) == (16, 0)
+    assert resumed.validation_runs == whole.validation_runs == 3
+    assert len(whole.history) == 2 and resumed.history == whole.history
+    probes_whole, probes_resumed = whole.probes.state_dict(), resumed.probes.state_dict()
+    assert sorted(probes_resumed) == sorted(probes_whole) and len(probes_whole) == 8
+    for i, record in probes_whole.items():
+        again = probes_resumed[i]
+        assert record["scale"] == again["scale"]
+        for key in ("first_keep", "last_keep", "last_z"):
+            assert torch.equal(record[key], again[key]), (i, key)
+        assert record["image"] is again["image"] is None  # log_images=0: no pictures, so no images kept
+        assert [label for label, *_ in record["history"]] == [label for label, *_ in again["history"]]
+        for (_, raw_a, lfdr_a), (_, raw_b, lfdr_b) in zip(record["history"], again["history"], strict=True):
+            assert torch.equal(raw_a, raw_b) and torch.equal(lfdr_a, lfdr_b)
 
 
 def test_diverged_density_fits_and_clamped_values_are_counted(tmp_path):
