@@ -53,11 +53,13 @@ def mean_percentile(x: Tensor, region: Tensor) -> Tensor:
 
 
 def precision_recall_f1(selected: Tensor, region: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Of boolean ``[B, T]`` selections against a region; NaN where undefined (nothing selected / no region)."""
+    """Of boolean ``[B, T]`` selections against a region; NaN where undefined: for an image without region tokens
+    (all three: it has no region to find) and, for precision, where nothing is selected."""
     hit = (selected & region).sum(1).to(torch.float64)
-    precision = hit / selected.sum(1)
-    recall = hit / region.sum(1)
-    f1 = 2 * hit / (selected.sum(1) + region.sum(1))
+    undefined = torch.where(region.any(1), 0.0, float("nan")).to(hit)
+    precision = hit / selected.sum(1) + undefined
+    recall = hit / region.sum(1) + undefined
+    f1 = 2 * hit / (selected.sum(1) + region.sum(1)) + undefined
     return precision, recall, f1
 
 
