@@ -185,6 +185,7 @@ def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path):
         tmp_path,
         *[o for o in TINY if o != "trainer.max_epochs=1"],
         "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=1",  # a fresh run would stop at global step 2, a resumed one at 3 + 1
         f"ckpt_path={last}",
         "logger=csv",
         f"hydra.run.dir={tmp_path / 'resumed'}",
@@ -192,10 +193,16 @@ def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path):
     _ok(proc)
     import torch
 
+    first = torch.load(last, weights_only=False)
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert state["global_step"] == 6  # 3 steps an epoch: a second epoch on top of the first run's one
+    assert first["global_step"] == 3 and state["global_step"] == 4  # one more step on top of the first run's
+    (adam,) = state["optimizer_states"]
+    assert {int(s["step"]) for s in adam["state"].values()} == {4}  # the optimizer's moments carried on
+    assert state["lr_schedulers"][0]["last_epoch"] == first["lr_schedulers"][0]["last_epoch"] + 1
+    (cb_first,) = [v for k, v in first["callbacks"].items() if "AttentionRegularizationCallback" in k]
     (cb_state,) = [v for k, v in state["callbacks"].items() if "AttentionRegularizationCallback" in k]
     assert cb_state["validation_runs"] == 2 and cb_state["explained_total"] == 16  # the count carried over
+    assert cb_state["history"][:1] == cb_first["history"]  # the first run's logged values, kept
 
 
 def test_explain_a_checkpoint_on_its_validation_images_and_on_a_folder(tmp_path):
