@@ -1,0 +1,104 @@
+"""The batch formats the callback reads, and which of a run's batch rows it explains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries none
+
+
+@dataclass
+class BatchView:
+    """What the callback needs from a batch: images ``[B, C, H, W]``, optional pixel masks and sample ids."""
+
+    images: Tensor
+    masks: Tensor | None = None
+    ids: Tensor | None = None
+    noise_masks: Tensor | None = None
+
+
+def _is_ids(item: Any, batch_size: int) -> bool:
+    return (
+        isinstance(item, Tensor)
+        and item.dim() == 1
+        and not item.is_floating_point()
+        and item.dtype != torch.bool
+        and item.shape[0] == batch_size
+    )
+
+
+def default_batch_to_images(batch: Any) -> BatchView:
+    """Read a batch: ``x``; a tuple or list ``(x, y, *extras)``; or a dict with ``image``/``images``/``x``,
+    ``mask``/``masks``, ``id``/``ids``/``sample_id`` and ``noise_mask`` keys.
+
+    In a tuple the label ``y`` is ignored; among the extras a 1-D integer tensor of length ``B`` is the
+    sample ids, and the others are, in order, the object mask and the noise mask: ``(x, y, id)``,
+    ``(x, y, mask)``, ``(x, y, mask, id)`` and ``(x, y, mask, id, noise_mask)`` all read as expected.
+    """
+    if isinstance(batch, Tensor):
+        return BatchView(batch)
+    if isinstance(batch, Mapping):
+        image = next((batch[k] for k in ("image", "images", "x") if k in batch), None)
+        if image is None:
+            raise ValueError(f"batch dict has no 'image' key (keys: {sorted(batch)}); pass batch_to_images=...")
+        get = lambda *keys: next((batch[k] for k in keys if k in batch), None)  # noqa: E731
+        return BatchView(image, get("mask", "masks"), get("id", "ids", "sample_id"), get("noise_mask"))
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        images, ids, masks = batch[0], None, []
+        for item in batch[2:]:
+            if ids is None and _is_ids(item, images.shape[0]):
+                ids = item
+            else:
+                masks.append(item)
+        masks += [None] * (2 - len(masks))
+        return BatchView(images, masks[0], ids, masks[1])
+    raise ValueError(f"can't find images in a batch of type {type(batch).__name__}; pass batch_to_images=...")
+
+
+def take_rows(masks: Any, rows: list[int]) -> Tensor | None:
+    """The chosen rows of an optional per-image tensor (masks may come as arrays or lists)."""
+    return None if masks is None else torch.as_tensor(masks)[rows]
+
+
+class RowPicker:
+    """Which rows of one validation run's batches to explain, and their sample ids.
+
+    Each sample id is explained once per run, even if a loader yields it twice (in two batches, or twice in
+    one). Either only the rows that ``wanted`` accepts (the probes, wherever they are), or the first
+    ``limit`` new images this rank sees.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.start_run()
+
+    def start_run(self) -> None:
+        self.seen = self.position = 0
+        self.explained: set[int] = set()
+
+    def pick(self, view: BatchView, rank: int, wanted: Callable[[int], bool] | None) -> tuple[list[int], list[int]]:
+        """Rows of ``view`` to explain now and their sample ids."""
+        size = view.images.shape[0]
+        if view.ids is not None:
+            batch_ids = torch.as_tensor(view.ids).tolist()
+        else:  # made up by position: the same images get the same ids at every run
+            base = rank * _FALLBACK_ID_STRIDE + self.position
+            batch_ids = list(range(base, base + size))
+        self.position += size
+        first = {}
+        for j, i in enumerate(batch_ids):
+            first.setdefault(i, j)
+        fresh = [j for i, j in first.items() if i not in self.explained]
+        if wanted is not None:
+            rows = [j for j in fresh if wanted(batch_ids[j])]
+        else:
+            rows = fresh[: max(0, self.limit - self.seen)]
+        ids = [batch_ids[j] for j in rows]
+        self.seen += len(rows)
+        self.explained.update(ids)
+        return rows, ids
