@@ -1,0 +1,128 @@
+"""Every metric of one explained validation run, updated from each result and computed by name.
+
+The states live in torchmetrics objects that reduce by sum, so ``compute`` gives on every rank what one
+process over all ranks' images would.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from attnreg_lightning.metrics import (
+    Counts,
+    MeanScores,
+    NullCalibration,
+    RegionShares,
+    TopKBaseline,
+    head_score_keys,
+    head_scores,
+    image_scores,
+    score_keys,
+    token_mask,
+)
+from attnreg_lightning.probes import STABILITY_KEYS
+from attnreg_lightning.regularize import RegularizedAttention
+from attnreg_lightning.stats import null_pvalues
+
+COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error", "lfdr_fit_failed", "clamped_tokens")
+
+
+class RunMetrics:
+    """Scores, region shares, null calibration, the top-k baseline, counts, probe stability and, once
+    :meth:`follow_heads` is called, per-head scores."""
+
+    def __init__(self, maps: Sequence[str]) -> None:
+        self.maps = list(maps)
+        self.scores = MeanScores(score_keys(self.maps))
+        self.regions = RegionShares(self.maps)
+        self.calibration = NullCalibration()
+        self.topk = TopKBaseline()
+        self.counts = Counts(COUNT_KEYS)
+        self.stability = MeanScores(STABILITY_KEYS)
+        self.heads: int | None = None
+        self.head_scores: MeanScores | None = None
+
+    def follow_heads(self, heads: int) -> None:
+        # keys fixed before any batch, so every rank holds the same states
+        self.heads = heads
+        self.head_scores = MeanScores(head_score_keys(heads))
+
+    def _all(self) -> tuple[Metric, ...]:
+        heads = () if self.head_scores is None else (self.head_scores,)
+        return (self.scores, self.regions, self.calibration, self.topk, self.counts, self.stability, *heads)
+
+    def reset(self, device: torch.device | str) -> None:
+        for metric in self._all():
+            metric.to(device).reset()
+
+    def count_failed(self, images: int) -> None:
+        self.counts.update(skipped_error=images)
+
+    def update(
+        self, reg: RegularizedAttention, roi: Tensor | None = None, noise: Tensor | None = None
+    ) -> dict[str, Tensor] | None:
+        """Count the result's images and score its valid ones; ``roi``/``noise`` are the images' pixel masks.
+
+        Returns the per-image scores of the valid images, or None when none is valid.
+        """
+        sig = reg.significance
+        valid = sig.valid
+        bad = int((~valid).sum())
+        if bad:
+            self.counts.update(skipped_degenerate=bad)
+        self.counts.update(
+            explained=valid.numel() - bad,
+            lfdr_fit_failed=int((valid & ~sig.fit_ok).sum()),
+            clamped_tokens=int(sig.clamped[valid].sum()),
+        )
+        if not bool(valid.any()):
+            return None
+        device = reg.attention.device
+        roi, noise = _token_mask(roi, reg.grid, device), _token_mask(noise, reg.grid, device)
+        scores = image_scores(reg, self.maps, roi, noise)
+        self.scores.update(scores)
+        self.regions.update(reg, roi, noise)
+        self.calibration.update(null_pvalues(sig)[valid])
+        if roi is not None:
+            self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
+        if reg.per_head is not None and self.head_scores is not None:
+            self.head_scores.update(head_scores(reg, self.heads))
+        return scores
+
+    def update_stability(self, moved: dict[str, list[float]]) -> None:
+        """The probes' stability scores against their earlier runs (the probe book compares, across runs)."""
+        device = self.stability.total.device
+        self.stability.update({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in moved.items()})
+
+    def compute(self, device: torch.device | str) -> dict[str, Tensor]:
+        """The run's finite results by name (a collective: every rank calls it, whatever it explained)."""
+        metrics = [m.to(device) for m in self._all()]
+        scores, regions, srmsd, topk_f1, counts, stability, *heads = (_compute(m) for m in metrics)
+        values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts, **stability}
+        for per_head in heads:
+            values.update(per_head)
+        return {k: v for k, v in values.items() if torch.isfinite(v)}
+
+
+def image_rows(scores: dict[str, Tensor], ids: list[int]) -> list[dict]:
+    """One row per valid image: its id and its scores, ``ids`` those of the valid images in order."""
+    # one device-to-host copy per score, not one per image and score
+    listed = {k: v.tolist() for k, v in scores.items()}
+    return [{"id": i, **{k: v[j] for k, v in listed.items()}} for j, i in enumerate(ids)]
+
+
+def _token_mask(masks: Tensor | None, grid, device) -> Tensor | None:
+    # without a known token grid (a model that only offers get_last_selfattention) masks can't be mapped
+    return None if masks is None or grid is None else token_mask(masks.to(device), grid)
+
+
+def _compute(metric: Metric):
+    """``metric.compute()``; a rank that explained nothing still takes part in the sync, without a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+        return metric.compute()
