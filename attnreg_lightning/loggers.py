@@ -6,7 +6,6 @@ does not (images, per-image tables, histograms). Called on rank 0 only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +13,12 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from attnreg_lightning.pictures import PictureRow
 from attnreg_lightning.viz import MASK_CLASSES
 
 # under the callback's prefix
 IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")
 MASK_KEY, EVOLUTION_KEY = "significance", "evolution"
-
-
-@dataclass
-class PictureRow:
-    """One explained image: its strip of panels, a caption and a row of per-image statistics."""
-
-    image: np.ndarray  # uint8 [H, W, 3]
-    caption: str
-    stats: dict[str, float] = field(default_factory=dict)
-    input: np.ndarray | None = None  # uint8 [H', W', 3], the input as drawn
-    mask: np.ndarray | None = None  # uint8 [H', W'] classes of viz.MASK_CLASSES over ``input``
 
 
 def log_pictures(

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from attnreg_lightning.metrics import iou, spearman
+from attnreg_lightning.regularize import RegularizedAttention
+from attnreg_lightning.viz import attention_scale
 
 STABILITY_KEYS = ("stability/lfdr_iou", "stability/z_spearman", "stability/lfdr_iou_first")
 
@@ -59,6 +61,18 @@ class ProbeBook:
             STABILITY_KEYS[1]: spearman(z, record.last_z),
             STABILITY_KEYS[2]: iou(keep, record.first_keep),
         }
+
+    def follow(self, reg: RegularizedAttention, ids: list[int]) -> dict[str, list[float]]:
+        """Score how each valid image's maps moved since its earlier runs, and note where they are now."""
+        sig = reg.significance
+        keep = (reg.maps["lfdr"] > 0).cpu().numpy()
+        z, raw = sig.z.double().cpu().numpy(), reg.attention.double().cpu().numpy()
+        moved: dict[str, list[float]] = {k: [] for k in STABILITY_KEYS}
+        for i in sig.valid.nonzero().flatten().tolist():
+            for key, value in self.stability(ids[i], keep[i], z[i]).items():
+                moved[key].append(value)
+            self.observe(ids[i], keep[i], z[i], self.scale(ids[i]) or attention_scale(raw[i]))
+        return moved
 
     def observe(self, sample_id: int, keep: np.ndarray, z: np.ndarray, scale: tuple[float, float]) -> None:
         self.pending[int(sample_id)] = {"keep": keep, "z": z.astype(np.float32), "scale": scale}

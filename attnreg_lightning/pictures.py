@@ -1,0 +1,103 @@
+"""What an explained run draws: a picture row per pictured image, the z-scores behind the histograms, and
+each pictured probe's maps by run for the evolution pictures. Arrays only; loggers.py sends them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attnreg_lightning.probes import ProbeBook
+from attnreg_lightning.regularize import RegularizedAttention
+from attnreg_lightning.viz import display_uint8, evolution_picture, heads_picture, mask_classes, picture_row, stack
+
+
+@dataclass
+class PictureRow:
+    """One explained image: its strip of panels, a caption and a row of per-image statistics."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    caption: str
+    stats: dict[str, float] = field(default_factory=dict)
+    input: np.ndarray | None = None  # uint8 [H', W', 3], the input as drawn
+    mask: np.ndarray | None = None  # uint8 [H', W'] classes of viz.MASK_CLASSES over ``input``
+
+
+@dataclass
+class RunPictures:
+    """One run's picture rows and the z-scores of every valid image explained with them."""
+
+    rows: list[PictureRow]
+    z_observed: Tensor
+    z_null: Tensor
+
+
+class PictureBook:
+    """The pictures of the current run (the first ``limit`` valid images) and the probes' map history.
+
+    The colour scale of a probe's attention panels is its first run's, so its pictures compare across runs.
+    """
+
+    def __init__(self, probes: ProbeBook, maps: Sequence[str], limit: int) -> None:
+        self.probes, self.maps, self.limit = probes, list(maps), limit
+        self.start_run()
+
+    def start_run(self) -> None:
+        self.rows: list[PictureRow] = []
+        self._z: list[tuple[Tensor, Tensor]] = []
+
+    def add(
+        self,
+        images: Tensor,
+        reg: RegularizedAttention,
+        ids: list[int],
+        scores: dict[str, Tensor],
+        stage: str,
+        heads: int | None,
+    ) -> None:
+        """Note one result's z-scores and draw its valid images while rows are wanted; ``scores`` are
+        those of its valid images, ``stage`` names the run (``epoch3``, ``validate``)."""
+        sig = reg.significance
+        valid_rows = sig.valid.nonzero().flatten().tolist()
+        self._z.append((sig.z[sig.valid], sig.z_null[sig.valid]))
+        for j, i in enumerate(valid_rows):
+            if len(self.rows) >= self.limit or reg.grid is None:
+                return
+            scale = self.probes.scale(ids[i])  # noted by ProbeBook.follow: the probe's first run's scale
+            kept = int((reg.maps["lfdr"][i] > 0).sum())
+            run = stage.replace("epoch", "epoch ")
+            title = f"id {ids[i]} · {run} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
+            picture = picture_row(images[i], reg, i, self.maps, title=title, scale=scale)
+            if reg.per_head is not None:
+                picture = stack(picture, heads_picture(images[i], reg.per_head, i, heads))
+            base = display_uint8(images[i])
+            stats = {"id": ids[i], **{k: float(v[j]) for k, v in scores.items()}}
+            self.rows.append(PictureRow(picture, title, stats, base, mask_classes(reg, i, base.shape[:2])))
+            self.probes.add_history(
+                ids[i],
+                stage,
+                reg.attention[i].double().cpu().numpy().reshape(reg.grid),
+                reg.maps["lfdr"][i].double().cpu().numpy().reshape(reg.grid),
+                base,
+            )
+
+    def end_run(self) -> RunPictures | None:
+        """This run's pictures, if any was drawn; the book is then empty for the next run."""
+        run = None
+        if self.rows:
+            z_observed = torch.cat([z.flatten() for z, _ in self._z])
+            z_null = torch.cat([z0.flatten() for _, z0 in self._z])
+            run = RunPictures(self.rows, z_observed, z_null)
+        self.start_run()
+        return run
+
+    def evolution(self) -> list[tuple[np.ndarray, str]]:
+        """How each pictured probe's raw and lfdr maps moved over the explained runs (up to ``limit``)."""
+        followed = [(i, r) for i, r in self.probes.records.items() if r.history and r.image is not None]
+        return [
+            (evolution_picture(r.image, r.history, r.scale, title=f"id {i}"), f"id {i}: raw and lfdr maps by run")
+            for i, r in followed[: self.limit]
+        ]
