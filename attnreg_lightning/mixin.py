@@ -45,6 +45,16 @@ class AttentionRegularizationMixin:
     def regularized_attention(
         self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None, **overrides
     ) -> RegularizedAttention:
-        """Regularized attention of ``images``; ``overrides`` replace knobs of :class:`AttnRegConfig`."""
+        """Regularized attention of ``images``; ``overrides`` replace knobs of :class:`AttnRegConfig`.
+
+        With ``sample_ids`` each image's nulls are its own (the same at every call); without them the nulls come
+        from one stream per set of knobs, seeded by ``seed``, that goes on from call to call, so each batch gets
+        fresh null noise and a module built alike draws the same sequence."""
         config = dataclasses.replace(self.attnreg_config or AttnRegConfig(), **overrides)
-        return AttentionRegularizer(self.attention_model(), **config.engine_kwargs())(images, sample_ids=sample_ids)
+        kwargs = config.engine_kwargs()
+        vit = self.attention_model()
+        engines = self.__dict__.setdefault("_attnreg_engines", {})
+        key = (id(vit), repr(sorted(kwargs.items())))
+        if key not in engines:
+            engines[key] = AttentionRegularizer(vit, **kwargs)
+        return engines[key](images, sample_ids=sample_ids)

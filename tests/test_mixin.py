@@ -29,3 +29,17 @@ def test_module_without_a_vit_says_how_to_fix_it():
 
     with pytest.raises(TypeError, match="NoVit.*attention_model"):
         NoVit().regularized_attention(torch.zeros(1, 3, 8, 8))
+
+
+def test_without_ids_each_call_draws_fresh_nulls_in_a_reproducible_sequence():
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+
+    def two_calls(module):
+        return [module.regularized_attention(images, n_bootstrap=3, seed=5).significance.z_null for _ in range(2)]
+
+    first, second = two_calls(tiny_module().eval())
+    assert not torch.equal(first, second)  # a new batch, new null noise
+    again = two_calls(tiny_module().eval())
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)
+    other_seed = tiny_module().eval().regularized_attention(images, n_bootstrap=3, seed=6).significance.z_null
+    assert not torch.equal(other_seed, first)
