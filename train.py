@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,6 +91,22 @@ def train(cfg: DictConfig) -> float:
     return result
 
 
+def build_callbacks(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> list[Callback]:
+    """The ``callbacks`` group's callbacks (by name; a null entry is dropped), the attention-regularization
+    callback, and a learning-rate monitor when there is a logger."""
+    if cfg.trainer.get("callbacks") is not None:
+        raise ValueError(
+            "trainer.callbacks is not read (the app passes its own callbacks to the Trainer): give callbacks by "
+            "name under callbacks., e.g. +callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping "
+            "or the preset callbacks=early_stopping (conf/callbacks/)"
+        )
+    callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks.append(AttentionRegularizationCallback(attnreg))
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
 def _fit(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> float:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -98,18 +114,11 @@ def _fit(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> float:
     model = instantiate(cfg.model, _convert_="all")
     if logger is not None:  # the run's config is the whole experiment, resolved
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=output_dir / "checkpoints", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, save_last=True
-        ),
-        AttentionRegularizationCallback(attnreg),
-    ]
-    if logger is not None:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks = build_callbacks(cfg, attnreg, logger)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger if logger is not None else False)
     trainer.fit(model, datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best = trainer.checkpoint_callback.best_model_path
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.validate_best and best:
         (validated,) = trainer.validate(model, datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in validated.items()})

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -155,3 +155,54 @@ def test_out_of_range_fails_at_validation_with_the_key():
 def test_struct_mode_rejects_unknown_top_level_keys():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         _compose("seedd=1")
+
+
+def _explain_config(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("explain", overrides=list(overrides))
+
+
+def test_callbacks_group_builds_its_callbacks_by_name_and_trainer_callbacks_is_refused(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    import train
+    from attnreg_lightning import AttentionRegularizationCallback
+
+    cfg = _compose("callbacks=early_stopping", f"paths.output_dir={tmp_path}", "checkpoint.monitor=val/acc",
+                   "checkpoint.mode=max")  # fmt: skip
+    attnreg = AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
+    built = train.build_callbacks(cfg, attnreg, logger=None)
+    kinds = [type(c) for c in built]
+    assert kinds == [ModelCheckpoint, EarlyStopping, AttentionRegularizationCallback]
+    checkpoint, stopping = built[0], built[1]
+    assert checkpoint.dirpath == str(tmp_path / "checkpoints") and checkpoint.save_last
+    assert (checkpoint.monitor, checkpoint.mode, stopping.monitor, stopping.mode) == ("val/acc", "max") * 2
+    dropped = _compose("callbacks.model_checkpoint=null", f"paths.output_dir={tmp_path}")
+    assert [type(c) for c in train.build_callbacks(dropped, attnreg, None)] == [AttentionRegularizationCallback]
+    # Lightning's own key would be silently replaced by the app's callbacks: refused, naming the way
+    sneaky = _compose("+trainer.callbacks=[{_target_: lightning.pytorch.callbacks.EarlyStopping, monitor: val/loss}]")
+    with pytest.raises(ValueError, match=r"trainer\.callbacks is not read.*callbacks=early_stopping"):
+        train.build_callbacks(sneaky, attnreg, None)
+
+
+def test_explain_config_keys_override_the_attnreg_group():
+    cfg = _explain_config()
+    assert (cfg.attnreg.num_images, cfg.attnreg.log_images) == (64, 8)
+    assert _explain_config("attnreg.log_images=2").attnreg.log_images == 2
+
+
+def test_a_hugging_face_model_on_an_image_folder_composes_and_builds(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    cfg = _compose("model=hf_vit", "data=image_folder", f"data.root={tmp_path}", "data.num_classes=1",
+                   "data.image_size=32")  # fmt: skip
+    data = instantiate(cfg.data, _convert_="all")
+    normalize = data.transform.transforms[-1]
+    assert tuple(normalize.mean) == pytest.approx((0.485, 0.456, 0.406))  # ImageNet's: no timm name to ask
+    own = instantiate(_compose("model=hf_vit", "data=image_folder", f"data.root={tmp_path}", "data.num_classes=1",
+                               "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]").data, _convert_="all")  # fmt: skip
+    assert tuple(own.transform.transforms[-1].std) == (0.5, 0.5, 0.5)
+    with pytest.raises(InstantiationException, match="data.mean and data.std go together"):
+        instantiate(_compose("data=image_folder", f"data.root={tmp_path}", "data.num_classes=1",
+                             "data.mean=[0.5,0.5,0.5]").data, _convert_="all")  # fmt: skip

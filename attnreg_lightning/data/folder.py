@@ -3,7 +3,8 @@
     root/train/<class>/<name>.png|jpg ...     root/val/<class>/<name>.png|jpg ...
     root/masks/val/<class>/<name>.png         (optional: object masks, non-zero = object)
 
-Resize and normalization come from the timm model's pretrained config. Items are dicts with ``image``,
+Resize and normalization come from the timm model's pretrained config; for a model without one (a Hugging Face
+ViT: ``model_name=None``) from ``mean``/``std`` when given, else ImageNet's. Items are dicts with ``image``,
 ``label``, ``id`` and, where the split has mask files, ``mask`` (all NaN for an image without a mask file: its
 region metrics are left out; a warning counts such images).
 """
@@ -11,6 +12,7 @@ region metrics are left out; a warning counts such images).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -21,9 +23,21 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 
-def model_transform(model_name: str, image_size: int) -> transforms.Compose:
-    """Resize (shorter side), centre-crop and normalize as the model's pretrained config says."""
-    cfg = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(model_name).to_dict())
+def model_transform(
+    model_name: str | None,
+    image_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> transforms.Compose:
+    """Resize (shorter side), centre-crop and normalize as the timm model's pretrained config says; ``mean`` and
+    ``std``, when given, win (ImageNet's when neither they nor a timm model name are given)."""
+    cfg = {"mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD}
+    if model_name is not None:
+        cfg = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(model_name).to_dict())
+    if (mean is None) != (std is None):
+        raise ValueError("data.mean and data.std go together: give both or neither")
+    if mean is not None:
+        cfg = {**cfg, "mean": tuple(mean), "std": tuple(std)}
     interpolation = transforms.InterpolationMode(cfg.get("interpolation", "bicubic"))
     return transforms.Compose(
         [
@@ -88,11 +102,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self,
         root: str,
         num_classes: int,
-        model_name: str,
+        model_name: str | None,
         image_size: int = 224,
         batch_size: int = 32,
         num_workers: int = 2,
         mask_dir: str = "masks",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -103,7 +119,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 )
         self.num_classes, self.image_size = num_classes, image_size
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.transform = model_transform(model_name, image_size)
+        self.transform = model_transform(model_name, image_size, mean, std)
         self.mask_dir = mask_dir
 
     def setup(self, stage: str | None = None) -> None:
