@@ -71,7 +71,7 @@ def _to_pinned_host(t: Tensor) -> Tensor:
 
 
 class AttentionRegularizer:
-    """Bootstrap-regularized CLS attention for a ViT (DESIGN.md, "The method, exactly").
+    """Bootstrap-regularized CLS attention for a ViT (docs/method.md).
 
     Args:
         model: a timm ``VisionTransformer`` or EVA, a Hugging Face ViT / DeiT / DINOv2, a model with

@@ -101,7 +101,7 @@ def regularize(
     grid: tuple[int, int] | None = None,
     pixels_per_token: int = 1,
 ) -> RegularizedAttention:
-    """The maps of DESIGN.md step 8 from raw attention ``obs [B, T]`` and its significance.
+    """The maps of docs/method.md step 8 from raw attention ``obs [B, T]`` and its significance.
 
     ``zreg = a [z >= z_th]``; ``p``, ``lfdr``, ``q`` keep ``zreg`` where the statistic is at most its threshold;
     ``pi0`` keeps ``zreg`` where p is at most the ``100 (1 - pi0)`` percentile of the image's p-values over

@@ -1,6 +1,6 @@
 """Significance of observed attention against its bootstrap null, batched over images in torch.
 
-The formulas are those of DESIGN.md ("The method, exactly"), computed for all images at once on the
+The formulas are those of docs/method.md, computed for all images at once on the
 input's device: z-scores on the log scale, pooled empirical p-values, Storey's pi0, Efron's local FDR
 (the model of ``statsmodels.stats.multitest.local_fdr``, fitted by a batched Poisson IRLS) and pi0-scaled
 Benjamini-Hochberg q-values.

@@ -1,4 +1,4 @@
-"""Independent reference: DESIGN.md's formulas in plain numpy + statsmodels, one image at a time.
+"""Independent reference: docs/method.md's formulas in plain numpy + statsmodels, one image at a time.
 
 Written from the specification, not from the package, so that agreement means something.
 """

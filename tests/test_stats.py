@@ -314,7 +314,7 @@ def test_summary_numbers():
 
 
 def _pool_pvalues(z: np.ndarray, z0: np.ndarray) -> np.ndarray:
-    """DESIGN.md's p-value by sorting the whole pool, one image at a time."""
+    """docs/method.md's p-value by sorting the whole pool, one image at a time."""
     out = np.empty_like(z)
     for i in range(z.shape[0]):
         pool = np.sort(np.concatenate([np.abs(z[i]), np.abs(z0[i]).ravel()]))
