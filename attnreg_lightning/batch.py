@@ -60,6 +60,19 @@ def default_batch_to_images(batch: Any) -> BatchView:
     raise ValueError(f"can't find images in a batch of type {type(batch).__name__}; pass batch_to_images=...")
 
 
+def check_masks(masks: Tensor | None, images: Tensor, what: str) -> None:
+    """Pixel masks must cover the images pixel for pixel: ``[B, H, W]`` or ``[B, 1, H, W]`` at the images' size
+    (pooling a mask of another size to the token grid would place the regions wrongly, without a word)."""
+    if masks is None:
+        return
+    b, _, h, w = images.shape
+    if tuple(masks.shape) not in ((b, h, w), (b, 1, h, w)):
+        raise ValueError(
+            f"{what} of shape {tuple(masks.shape)} do not match the images {tuple(images.shape)}: expected "
+            f"[{b}, {h}, {w}] or [{b}, 1, {h}, {w}]"
+        )
+
+
 def take_rows(masks: Any, rows: list[int]) -> Tensor | None:
     """The chosen rows of an optional per-image tensor (masks may come as arrays or lists)."""
     return None if masks is None else torch.as_tensor(masks)[rows]

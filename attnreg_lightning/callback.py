@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from attnreg_lightning.attention import check_model, num_heads, resolve_vit
-from attnreg_lightning.batch import BatchView, RowPicker, default_batch_to_images, take_rows
+from attnreg_lightning.batch import BatchView, RowPicker, check_masks, default_batch_to_images, take_rows
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, warn_unknown
@@ -102,6 +102,7 @@ class AttentionRegularizationCallback(Callback):
         self._last_rows: list[PictureRow] = []
         self.history: list[dict[str, Any]] = []  # each explained run's logged values, for the report
         self.image_stats: list[dict[str, Any]] = []  # this run's per-image scores on this rank
+        self._precision: str | None = None  # the trainer's, for autocast_dtype="auto"
         self._warned_loggers = False
         self._logged_config = False
         self._background = False
@@ -123,20 +124,42 @@ class AttentionRegularizationCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vit = resolve_vit(pl_module)
         check_model(vit)
-        self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs())
+        self._precision = getattr(trainer, "precision", None)
+        self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs(self._precision))
         if self.config.heads == "all" and self.run_metrics.head_scores is None:
             self.num_heads = num_heads(vit)
             if self.num_heads is None:
                 raise ValueError(f"{self.prefix}.heads='all': the model's number of heads is unknown")
             self.run_metrics.follow_heads(self.num_heads)
+        if trainer is not None:
+            self._refuse_monitors_of_unexplained_runs(trainer)
         if trainer is not None and trainer.is_global_zero and not self._logged_config:
             # the knobs are the experiment: every logger that takes hyperparameters records them, once
             for logger in trainer.loggers:
                 logger.log_hyperparams({self.prefix: dataclasses.asdict(self.config)})
             self._logged_config = True
 
+    def _refuse_monitors_of_unexplained_runs(self, trainer: L.Trainer) -> None:
+        """A monitor (ModelCheckpoint, EarlyStopping, ...) of one of this callback's keys needs a value at every
+        validation run; with ``every_n_epochs > 1`` most runs are not explained, and it would read a copied or a
+        missing value."""
+        every = self.config.every_n_epochs
+        for callback in trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if every > 1 and isinstance(monitor, str) and monitor.startswith(f"{self.prefix}/"):
+                raise ValueError(
+                    f"{type(callback).__name__}(monitor={monitor!r}) needs that value at every validation run, but "
+                    f"{self.prefix}.every_n_epochs={every} explains one run in {every}: set every_n_epochs=1, or "
+                    f"monitor a key this callback does not log"
+                )
+
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run logs its own values or none: an earlier run's must not stand in for this one's (a run that is
+        # not explained, or a metric not finite this run)
+        metrics = trainer.callback_metrics
+        for key in [k for k in metrics if k.startswith(f"{self.prefix}/")]:
+            del metrics[key]
         cfg = self.config
         if trainer.sanity_checking or cfg.num_images == 0:
             self._active = False
@@ -177,6 +200,8 @@ class AttentionRegularizationCallback(Callback):
         images = view.images[rows].to(pl_module.device)
         job = _Job(batch_idx, ids, images, take_rows(view.masks, rows), take_rows(view.noise_masks, rows))
         try:
+            check_masks(job.masks, images, "masks")
+            check_masks(job.noise_masks, images, "noise masks")
             if self._background:  # forwards now; statistics in the engine's thread, collected below
                 self._pending.append((self.engine.submit(images, sample_ids=ids), job))
             else:
@@ -189,12 +214,10 @@ class AttentionRegularizationCallback(Callback):
         """Record the background jobs that are done (all of them with ``wait``), in the order submitted."""
         while self._pending and (wait or self._pending[0][0].done()):
             future, job = self._pending.popleft()
-            try:
-                reg = future.result()
-            except Exception as err:  # the statistics thread's exception, raised here in the training process
+            try:  # the statistics thread's exception is raised here, in the training process
+                self._record(trainer, job, future.result())
+            except Exception as err:
                 self._failed(err, job)
-                continue
-            self._record(trainer, job, reg)
 
     def _failed(self, err: Exception, job: _Job) -> None:
         if self.config.on_error == "raise":
@@ -311,12 +334,14 @@ class AttentionRegularizationCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = AttnRegConfig(**state_dict["config"])
-        if saved.seed != self.config.seed:
-            rank_zero_warn(f"{self.prefix}: resuming with the checkpoint's seed {saved.seed} (was {self.config.seed})")
-            self.config = dataclasses.replace(self.config, seed=saved.seed)
+        # only the seed is taken from the saved knobs (the maps must go on from the same nulls): a checkpoint of
+        # another version, with knobs this one lacks or does not know, resumes all the same
+        seed = state_dict.get("config", {}).get("seed", self.config.seed)
+        if seed != self.config.seed:
+            rank_zero_warn(f"{self.prefix}: resuming with the checkpoint's seed {seed} (was {self.config.seed})")
+            self.config = dataclasses.replace(self.config, seed=seed)
             if self.engine is not None:
-                self.engine = AttentionRegularizer(self.engine.model, **self.config.engine_kwargs())
+                self.engine = AttentionRegularizer(self.engine.model, **self.config.engine_kwargs(self._precision))
         self.explained_total = state_dict["explained_total"]
         self.skipped_total = state_dict["skipped_total"]
         self.validation_runs = state_dict.get("validation_runs", 0)

@@ -17,6 +17,13 @@ from attnreg_lightning.bootstrap import NORMALIZATIONS, available_methods
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+}
+"""The autocast dtype ``autocast_dtype="auto"`` takes from a Lightning trainer's ``precision`` (float32 otherwise)."""
 ON_ERROR = ("raise", "warn")
 
 
@@ -54,7 +61,7 @@ class AttnRegConfig:
     every_n_epochs: int = 1
     maps: list[str] = field(default_factory=lambda: ["p", "lfdr", "pi0", "posterior"])
     max_images_per_forward: int = 256
-    autocast_dtype: Optional[str] = None  # noqa: UP045
+    autocast_dtype: Optional[str] = "auto"  # noqa: UP045
     seed: int = 0
     log_images: int = 4
     on_error: str = "warn"
@@ -95,10 +102,10 @@ class AttnRegConfig:
             "need an int >= 1",
         )
         _require(
-            self.autocast_dtype is None or self.autocast_dtype in AUTOCAST_DTYPES,
+            self.autocast_dtype in (None, "auto", *AUTOCAST_DTYPES),
             "autocast_dtype",
             self.autocast_dtype,
-            f"need null or one of {list(AUTOCAST_DTYPES)}",
+            f"need null (float32), 'auto' (the trainer's precision) or one of {list(AUTOCAST_DTYPES)}",
         )
         _require(_is_int(self.seed), "seed", self.seed, "need an int")
         _require(_is_int(self.log_images) and self.log_images >= 0, "log_images", self.log_images, "need an int >= 0")
@@ -152,14 +159,22 @@ class AttnRegConfig:
             return {"patch_size": self.patch_size}
         return {}
 
-    def engine_kwargs(self) -> dict:
-        """Keyword arguments of :class:`~attnreg_lightning.engine.AttentionRegularizer`."""
+    def autocast(self, precision: str | None = None) -> torch.dtype | None:
+        """The forwards' autocast dtype: ``"auto"`` follows a Lightning ``precision`` (``bf16-mixed`` ->
+        bfloat16, ``16-mixed`` -> float16, ...; float32 without one), an explicit value wins."""
+        if self.autocast_dtype == "auto":
+            return PRECISION_DTYPES.get(str(precision))
+        return AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None
+
+    def engine_kwargs(self, precision: str | None = None) -> dict:
+        """Keyword arguments of :class:`~attnreg_lightning.engine.AttentionRegularizer` (``precision``: the
+        trainer's, for ``autocast_dtype="auto"``)."""
         return {
             "method": self.method,
             "n_bootstrap": self.n_bootstrap,
             "thresholds": self.thresholds,
             "max_images_per_forward": self.max_images_per_forward,
-            "autocast_dtype": AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None,
+            "autocast_dtype": self.autocast(precision),
             "seed": self.seed,
             "pi0": "estimate" if self.pi0 is None else float(self.pi0),
             "method_options": self.method_options(),

@@ -72,6 +72,9 @@ class RunMetrics:
         """
         sig = reg.significance
         valid = sig.valid
+        device = reg.attention.device
+        # the masks first: a failure here leaves nothing counted, so the images are counted once, as failed
+        roi, noise = _token_mask(roi, reg.grid, device), _token_mask(noise, reg.grid, device)
         bad = int((~valid).sum())
         if bad:
             self.counts.update(skipped_degenerate=bad)
@@ -82,8 +85,6 @@ class RunMetrics:
         )
         if not bool(valid.any()):
             return None
-        device = reg.attention.device
-        roi, noise = _token_mask(roi, reg.grid, device), _token_mask(noise, reg.grid, device)
         scores = image_scores(reg, self.maps, roi, noise)
         self.scores.update(scores)
         self.regions.update(reg, roi, noise)

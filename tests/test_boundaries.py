@@ -274,6 +274,8 @@ KNOB_CASES = [
     ("max_images_per_forward", 0, BAD),
     ("max_images_per_forward", 1, OK),
     ("autocast_dtype", None, OK),
+    ("autocast_dtype", "auto", OK),
+    ("autocast_dtype", "Auto", BAD),
     ("autocast_dtype", "bfloat16", OK),
     ("autocast_dtype", "float16", OK),
     ("autocast_dtype", "float32", BAD),

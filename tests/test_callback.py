@@ -7,7 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -15,6 +15,7 @@ from attnreg_lightning import AttentionRegularizationCallback, AttentionRegulari
 from attnreg_lightning.callback import BatchView, default_batch_to_images
 from attnreg_lightning.metrics import score_keys
 from attnreg_lightning.regularize import regularize
+from attnreg_lightning.run_metrics import RunMetrics
 from attnreg_lightning.stats import significance
 from tests.helpers import OrderedData, RecordingCallback, perturb, tiny_data, tiny_module
 from tests.oracle import oracle_image, oracle_maps
@@ -241,6 +242,34 @@ def test_region_metrics_use_only_images_with_region_tokens(tmp_path):
     for key in regional:
         assert beside[key] == pytest.approx(alone[key], rel=1e-9, abs=1e-12), key
     assert beside["attnreg/explained"] == 16 and beside["attnreg/raw/gini"] != alone["attnreg/raw/gini"]
+
+
+@pytest.mark.parametrize("statistics", ["inline", "background"])
+def test_a_failure_before_or_after_the_engine_is_warned_and_counted_once_in_either_mode(
+    tmp_path, monkeypatch, statistics
+):
+    def crop_masks(batch):  # [B, 47, 48] masks for 48-px images: pooled to the grid they would misplace regions
+        return (batch[0], batch[1], batch[2][:, 1:], batch[3])
+
+    def validate(data, **knobs):
+        cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, statistics=statistics, **knobs)
+        trainer = _trainer(tmp_path, [cb], False)
+        trainer.validate(tiny_module(), data, verbose=False)
+        return trainer.callback_metrics
+
+    with pytest.warns(UserWarning, match=r"could not explain 8 image.*masks of shape \(8, 47, 48\) do not match"):
+        logged = validate(MappedVal(crop_masks))
+    assert (logged["attnreg/skipped_error"], logged["attnreg/explained"]) == (8, 0)
+    with pytest.raises(ValueError, match=r"masks of shape \(8, 47, 48\)"):
+        validate(MappedVal(crop_masks), on_error="raise")
+
+    def broken(self, reg, roi=None, noise=None):  # after the engine, in the statistics' bookkeeping
+        raise RuntimeError("scoring broke")
+
+    monkeypatch.setattr(RunMetrics, "update", broken)
+    with pytest.warns(UserWarning, match="could not explain 8 image.*scoring broke"):
+        logged = validate(tiny_data(val_size=8))
+    assert (logged["attnreg/skipped_error"], logged["attnreg/explained"]) == (8, 0)
 
 
 def test_two_callbacks_in_one_fit_keep_their_keys_and_states_apart(tmp_path):
@@ -568,3 +597,53 @@ def test_an_exception_in_the_statistics_thread_is_warned_and_counted_or_raised(t
             (logged,) = trainer.validate(tiny_module(), data)
         assert logged["attnreg/skipped_error"] == 8 and logged["attnreg/explained"] == 0
     assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]  # the thread ended either way
+
+
+def test_a_checkpoint_of_another_version_resumes_taking_only_its_seed():
+    saved = AttentionRegularizationCallback(seed=7, n_bootstrap=2).state_dict()
+    saved["config"]["a_knob_of_a_later_version"] = 1
+    del saved["config"]["heads"]  # and one an earlier version did not have
+    cb = AttentionRegularizationCallback(seed=1, n_bootstrap=3)
+    with pytest.warns(UserWarning, match="checkpoint's seed 7"):
+        cb.load_state_dict(saved)
+    assert (cb.config.seed, cb.config.n_bootstrap) == (7, 3)
+
+
+@pytest.mark.parametrize(
+    ("precision", "knob", "dtype"),
+    [
+        ("bf16-mixed", "auto", torch.bfloat16),
+        ("32-true", "auto", None),
+        ("bf16-mixed", None, None),  # an explicit float32 wins
+        ("32-true", "bfloat16", torch.bfloat16),
+    ],
+)
+def test_autocast_follows_the_trainers_precision_unless_set(tmp_path, precision, knob, dtype):
+    cb = RecordingCallback(n_bootstrap=2, num_images=4, log_images=0, autocast_dtype=knob)
+    trainer = _trainer(tmp_path, [cb], False, precision=precision)
+    trainer.validate(tiny_module(), tiny_data(val_size=8), verbose=False)
+    assert cb.engine.autocast_dtype == dtype
+    ((_, reg),) = cb.seen[0]
+    assert reg.attention.dtype == torch.float32 and reg.significance.valid.all()  # maps in float32 either way
+
+
+def test_runs_not_explained_hold_no_attnreg_values_and_a_monitor_of_them_is_refused(tmp_path):
+    seen = []
+
+    def note(trainer, _):
+        if not trainer.sanity_checking:
+            seen.append(sorted(k for k in trainer.callback_metrics if k.startswith("attnreg/")))
+
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, every_n_epochs=2)
+    trainer = _trainer(tmp_path, [cb, LambdaCallback(on_validation_end=note)], False, max_epochs=3,
+                       limit_train_batches=1, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(tiny_module(), tiny_data(val_size=8))
+    assert [bool(keys) for keys in seen] == [True, False, True]  # explained at runs 1 and 3 only
+    for monitor in (
+        ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="attnreg/lfdr/sparsity"),
+        EarlyStopping(monitor="attnreg/lfdr/sparsity"),
+    ):
+        cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, every_n_epochs=2)
+        with pytest.raises(ValueError, match=rf"{type(monitor).__name__}\(monitor='attnreg/lfdr/sparsity'\).*"
+                                             r"every_n_epochs=2.*set every_n_epochs=1"):  # fmt: skip
+            _trainer(tmp_path, [cb, monitor], False, max_epochs=1).fit(tiny_module(), tiny_data(val_size=8))
