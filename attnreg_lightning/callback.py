@@ -103,6 +103,7 @@ class AttentionRegularizationCallback(Callback):
         self.history: list[dict[str, Any]] = []  # each explained run's logged values, for the report
         self.image_stats: list[dict[str, Any]] = []  # this run's per-image scores on this rank
         self._precision: str | None = None  # the trainer's, for autocast_dtype="auto"
+        self._fitting = True
         self._warned_loggers = False
         self._logged_config = False
         self._background = False
@@ -124,6 +125,7 @@ class AttentionRegularizationCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vit = resolve_vit(pl_module)
         check_model(vit)
+        self._fitting = stage == "fit"
         self._precision = getattr(trainer, "precision", None)
         self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs(self._precision))
         if self.config.heads == "all" and self.run_metrics.head_scores is None:
@@ -334,6 +336,10 @@ class AttentionRegularizationCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._fitting and (self.history or self.validation_runs):
+            # trainer.validate(ckpt_path=...) after runs of its own: the record goes on (the validation is added
+            # to it); rewinding it to the checkpoint's would lose the runs since
+            return
         # only the seed is taken from the saved knobs (the maps must go on from the same nulls): a checkpoint of
         # another version, with knobs this one lacks or does not know, resumes all the same
         seed = state_dict.get("config", {}).get("seed", self.config.seed)

@@ -647,3 +647,19 @@ def test_runs_not_explained_hold_no_attnreg_values_and_a_monitor_of_them_is_refu
         with pytest.raises(ValueError, match=rf"{type(monitor).__name__}\(monitor='attnreg/lfdr/sparsity'\).*"
                                              r"every_n_epochs=2.*set every_n_epochs=1"):  # fmt: skip
             _trainer(tmp_path, [cb, monitor], False, max_epochs=1).fit(tiny_module(), tiny_data(val_size=8))
+
+
+def test_validate_from_an_earlier_checkpoint_after_fit_adds_to_the_record_instead_of_rewinding_it(tmp_path):
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer = _trainer(tmp_path, [cb, ckpt], False, max_epochs=2, limit_train_batches=1)
+    trainer.fit(tiny_module(), tiny_data(val_size=8))
+    trainer.validate(ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt", datamodule=tiny_data(val_size=8), verbose=False)
+    assert [run["stage"] for run in cb.history] == ["epoch0", "epoch1", "validate"]
+    assert (cb.explained_total, cb.validation_runs) == (12, 2)
+    # a fresh callback (another process) takes the checkpoint's record and goes on from it
+    fresh = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0)
+    _trainer(tmp_path, [fresh], False).validate(
+        tiny_module(), tiny_data(val_size=8), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt", verbose=False
+    )
+    assert [run["stage"] for run in fresh.history] == ["epoch0", "validate"]
