@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 _FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries none
 
@@ -78,6 +79,21 @@ def take_rows(masks: Any, rows: list[int]) -> Tensor | None:
     return None if masks is None else torch.as_tensor(masks)[rows]
 
 
+def sampler_padding(loader: Any) -> Callable[[int], bool] | None:
+    """Which of this rank's positions in ``loader`` are padding: a ``DistributedSampler`` without ``drop_last``
+    repeats samples so every rank gets as many; position ``p`` of rank ``r`` is the run's sample ``r + p * W``,
+    padding when past the dataset's end. None when the loader has no such sampler."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    n, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+    if n % world == 0:
+        return None
+    return lambda position: rank + position * world >= n
+
+
 class RowPicker:
     """Which rows of one validation run's batches to explain, and their sample ids.
 
@@ -94,18 +110,26 @@ class RowPicker:
         self.seen = self.position = 0
         self.explained: set[int] = set()
 
-    def pick(self, view: BatchView, rank: int, wanted: Callable[[int], bool] | None) -> tuple[list[int], list[int]]:
-        """Rows of ``view`` to explain now and their sample ids."""
+    def pick(
+        self,
+        view: BatchView,
+        rank: int,
+        wanted: Callable[[int], bool] | None,
+        padding: Callable[[int], bool] | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Rows of ``view`` to explain now and their sample ids; ``padding(position)`` marks a distributed
+        sampler's repeated samples, left to the rank that holds them for real."""
         size = view.images.shape[0]
         if view.ids is not None:
             batch_ids = torch.as_tensor(view.ids).tolist()
         else:  # made up by position: the same images get the same ids at every run
             base = rank * _FALLBACK_ID_STRIDE + self.position
             batch_ids = list(range(base, base + size))
+        real = range(size) if padding is None else [j for j in range(size) if not padding(self.position + j)]
         self.position += size
         first = {}
-        for j, i in enumerate(batch_ids):
-            first.setdefault(i, j)
+        for j in real:
+            first.setdefault(batch_ids[j], j)
         fresh = [j for i, j in first.items() if i not in self.explained]
         if wanted is not None:
             rows = [j for j in fresh if wanted(batch_ids[j])]

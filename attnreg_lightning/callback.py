@@ -19,7 +19,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from attnreg_lightning.attention import check_model, num_heads, resolve_vit
-from attnreg_lightning.batch import BatchView, RowPicker, check_masks, default_batch_to_images, take_rows
+from attnreg_lightning.batch import (
+    BatchView,
+    RowPicker,
+    check_masks,
+    default_batch_to_images,
+    sampler_padding,
+    take_rows,
+)
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer
 from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, warn_unknown
@@ -196,7 +203,9 @@ class AttentionRegularizationCallback(Callback):
         # once chosen, the probes are explained wherever they are (shuffled or distributed loaders); until
         # then, the first explained run picks them: the first num_images this rank sees
         wanted = self.probes.is_probe if self.probes.chosen else None
-        rows, ids = self._picker.pick(view, trainer.global_rank, wanted)
+        loaders = trainer.val_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        rows, ids = self._picker.pick(view, trainer.global_rank, wanted, sampler_padding(loader))
         if not rows:
             return
         images = view.images[rows].to(pl_module.device)

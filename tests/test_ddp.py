@@ -52,6 +52,17 @@ def test_ddp_reports_what_one_process_reports(tmp_path):
     _assert_same_metrics(ddp, single)
 
 
+def test_a_padded_distributed_sampler_explains_each_image_once(tmp_path):
+    """15 images on 2 ranks: the sampler repeats one so both get 8; the repeat is not explained again."""
+    ddp = _run(tmp_path, "ddp", "--devices", "2", "--first", "15")
+    (tmp_path / "single").mkdir()
+    single = _run(tmp_path / "single", "single", "--first", "15")
+    ids = _record(tmp_path, "ddp", 0)["ids"] + _record(tmp_path, "ddp", 1)["ids"]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 15
+    assert ddp["attnreg/explained"] == single["attnreg/explained"] == 15
+    _assert_same_metrics(ddp, single)
+
+
 def test_uneven_ranks_report_what_one_process_over_their_images_reports_and_rank_zero_draws(tmp_path):
     uneven = _run(tmp_path, "uneven", "--devices", "2", "--uneven", "--log-images", "2")
     assert uneven["attnreg/explained"] == 16  # 12 on rank 0 + 4 on rank 1
