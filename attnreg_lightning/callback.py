@@ -177,6 +177,11 @@ class AttentionRegularizationCallback(Callback):
             self.validation_runs += 1
         else:
             self._active = True
+        loaders = len(trainer.num_val_batches)
+        if self._active and cfg.dataloader_idx >= loaders:
+            raise ValueError(
+                f"{self.prefix}.dataloader_idx={cfg.dataloader_idx}, but this validation has {loaders} loader(s)"
+            )
         self._picker.start_run()
         self.image_stats = []
         self.pictures.start_run()
@@ -197,7 +202,7 @@ class AttentionRegularizationCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active:
+        if not self._active or dataloader_idx != self.config.dataloader_idx:
             return
         view = self.batch_to_images(batch)
         # once chosen, the probes are explained wherever they are (shuffled or distributed loaders); until

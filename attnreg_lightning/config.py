@@ -40,10 +40,11 @@ def _is_int(value) -> bool:
 class AttnRegConfig:
     """Knobs of :class:`~attnreg_lightning.callback.AttentionRegularizationCallback` (``attnreg.*`` in Hydra).
 
-    ``pi0=None`` estimates pi0 per image (Storey); a float fixes it. ``maps`` are the regularized maps whose
-    metrics and pictures are logged. ``num_images`` is per validation epoch and per rank; ``log_images`` is
-    how many of those get a picture row (rank 0 only). ``std_factor``, ``all_channels``, ``patch_size`` and
-    ``normalization`` are options of the null generator (``patch_size=None``: the model's patch size;
+    ``pi0=None`` estimates pi0 per image (Storey); a float fixes it. ``dataloader_idx``: the validation loader
+    explained (one per callback: a second loader gets a second callback with its own ``name``). ``maps`` are the
+    regularized maps whose metrics and pictures are logged. ``num_images`` is per validation epoch and per rank;
+    ``log_images`` is how many of those get a picture row (rank 0 only). ``std_factor``, ``all_channels``,
+    ``patch_size`` and ``normalization`` are options of the null generator (``patch_size=None``: the model's patch size;
     ``normalization="imagenet"``, ``uniform`` only: re-normalized as the paper's code does). ``statistics``: where
     significance is computed: ``background`` (a CPU thread, while the device runs the next forwards),
     ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU). ``name`` prefixes every
@@ -59,6 +60,7 @@ class AttnRegConfig:
     pi0: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
     num_images: int = 16
     every_n_epochs: int = 1
+    dataloader_idx: int = 0
     maps: list[str] = field(default_factory=lambda: ["p", "lfdr", "pi0", "posterior"])
     max_images_per_forward: int = 256
     autocast_dtype: Optional[str] = "auto"  # noqa: UP045
@@ -92,6 +94,12 @@ class AttnRegConfig:
             "every_n_epochs",
             self.every_n_epochs,
             "need >= 1",
+        )
+        _require(
+            _is_int(self.dataloader_idx) and self.dataloader_idx >= 0,
+            "dataloader_idx",
+            self.dataloader_idx,
+            "need an int >= 0",
         )
         unknown = [m for m in self.maps if m not in MAP_NAMES]
         _require(not unknown, "maps", list(self.maps), f"unknown {unknown}; choose from {list(MAP_NAMES)}")

@@ -77,7 +77,8 @@ class ImageClassifier(AttentionRegularizationMixin, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        # several validation loaders: Lightning keys each loader's val/* with its dataloader_idx
         return self._step(batch, "val")
 
     def configure_optimizers(self):

@@ -663,3 +663,42 @@ def test_validate_from_an_earlier_checkpoint_after_fit_adds_to_the_record_instea
         tiny_module(), tiny_data(val_size=8), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt", verbose=False
     )
     assert [run["stage"] for run in fresh.history] == ["epoch0", "validate"]
+
+
+class TwoLoaders(L.LightningDataModule):
+    """Two validation loaders numbered 0..7 alike, as datasets usually are, over different images."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = tiny_data(val_size=8), tiny_data(val_size=8, object_fraction=0.5)
+
+    def setup(self, stage=None):
+        self.a.setup(stage)
+        self.b.setup(stage)
+
+    def val_dataloader(self):
+        return [DataLoader(self.a.val_set, 8), DataLoader(self.b.val_set, 8)]
+
+
+def test_each_callback_explains_one_validation_loader(tmp_path):
+    first = RecordingCallback(n_bootstrap=2, num_images=8, log_images=0)
+    second = RecordingCallback(n_bootstrap=2, num_images=8, log_images=0, dataloader_idx=1, name="attnreg_b")
+    trainer = _trainer(tmp_path, [first, second], False)
+    module, data = tiny_module(), TwoLoaders()
+    for _ in range(2):  # the second run explains the same probes, one loader each
+        trainer.validate(module, data, verbose=False)
+    data.setup()
+    for cb, dataset in ((first, data.a.val_set), (second, data.b.val_set)):
+        runs = cb.seen[0]
+        assert len(runs) == 2 and all(ids == runs[0][0] and len(ids) == 8 for ids, _ in runs)
+        images = torch.stack([dataset[i][0] for i in range(8)])
+        with torch.no_grad():
+            want = AttentionRegularizer(module, n_bootstrap=2).observe(images, runs[0][0])[0]
+        for _, reg in runs:
+            torch.testing.assert_close(reg.attention, want)  # this loader's images, not the other's
+    logged = trainer.callback_metrics
+    assert logged["attnreg/explained"] == logged["attnreg_b/explained"] == 8
+    assert logged["attnreg/stability/lfdr_iou"] == 1 and logged["attnreg_b/stability/lfdr_iou"] == 1
+    beyond = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, dataloader_idx=2)
+    with pytest.raises(ValueError, match=r"attnreg\.dataloader_idx=2, but this validation has 2 loader"):
+        _trainer(tmp_path, [beyond], False).validate(module, data, verbose=False)
