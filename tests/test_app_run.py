@@ -84,6 +84,30 @@ def test_ddp_cpu_runs_two_processes(tmp_path):
     assert metrics["attnreg/explained"] == 16  # 8 images on each of 2 ranks
 
 
+def test_two_nodes_launched_from_the_environment(tmp_path):
+    """Multi-node DDP as a cluster launches it: one train.py per node, told where the master is and its node
+    rank by environment variables; here two "nodes" on this machine, one CPU process each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "NODE_RANK": str(rank)}  # fmt: skip
+        args = [*TINY, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", "logger=csv",
+                f"hydra.run.dir={tmp_path / f'node{rank}'}"]  # fmt: skip
+        nodes.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outputs = [node.communicate(timeout=420) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-2000:] + err[-4000:]
+    metrics = json.loads((tmp_path / "node0" / "metrics.json").read_text())
+    assert metrics["attnreg/explained"] == 16  # 8 images on each of the 2 nodes' ranks
+    assert not (tmp_path / "node1" / "metrics.json").exists()  # written by global rank 0 only
+
+
 def _wandb_runs(folder: Path) -> list[dict]:
     from tests.wandb_reader import run_info
 
