@@ -111,6 +111,7 @@ class AttentionRegularizationCallback(Callback):
         self.image_stats: list[dict[str, Any]] = []  # this run's per-image scores on this rank
         self._precision: str | None = None  # the trainer's, for autocast_dtype="auto"
         self._fitting = True
+        self._padding: Callable[[int], bool] | None = None  # the explained loader's sampler padding, per run
         self._warned_loggers = False
         self._logged_config = False
         self._background = False
@@ -182,6 +183,10 @@ class AttentionRegularizationCallback(Callback):
             raise ValueError(
                 f"{self.prefix}.dataloader_idx={cfg.dataloader_idx}, but this validation has {loaders} loader(s)"
             )
+        if self._active:  # the explained loader's sampler is fixed for the run
+            dataloaders = trainer.val_dataloaders
+            single = not isinstance(dataloaders, (list, tuple))
+            self._padding = sampler_padding(dataloaders if single else dataloaders[cfg.dataloader_idx])
         self._picker.start_run()
         self.image_stats = []
         self.pictures.start_run()
@@ -208,9 +213,7 @@ class AttentionRegularizationCallback(Callback):
         # once chosen, the probes are explained wherever they are (shuffled or distributed loaders); until
         # then, the first explained run picks them: the first num_images this rank sees
         wanted = self.probes.is_probe if self.probes.chosen else None
-        loaders = trainer.val_dataloaders
-        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        rows, ids = self._picker.pick(view, trainer.global_rank, wanted, sampler_padding(loader))
+        rows, ids = self._picker.pick(view, trainer.global_rank, wanted, self._padding)
         if not rows:
             return
         images = view.images[rows].to(pl_module.device)

@@ -11,12 +11,14 @@ attention in the zoo test, so an accepted model is read exactly and any other is
 from __future__ import annotations
 
 import sys
+from functools import cache
 
 from torch import Tensor, nn
 
 from attnreg_lightning.readers.core import AttentionReader, as_pair, cls_logits, patch_columns
 
 
+@cache
 def _families() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """The timm model classes read, and the attention modules their last attention may be."""
     from timm.layers import Attention, AttentionRope
