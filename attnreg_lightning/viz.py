@@ -4,28 +4,35 @@ A row per explained image: the input, raw attention, z, -log10 p, lfdr, then eac
 panel carries its title and a colour bar, so the picture reads without a caption. Attention panels (raw and
 regularized) share one scale per image (``scale``: kept fixed across epochs by the callback, so change is
 visible); a token a map removed is drawn in :data:`REMOVED_COLOUR`, apart from a kept token of low attention.
+
+Panels are composed on a fixed grid of pixels (colour maps by lookup table, text by Pillow in matplotlib's own
+DejaVu Sans), not laid out by a figure engine: a row takes milliseconds, so drawing does not slow validation.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
+from matplotlib.colors import Colormap
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from attnreg_lightning.regularize import RegularizedAttention
 
 REMOVED_COLOUR = "#7fd4ff"  # light cyan: not in inferno, viridis or coolwarm
-PANEL_INCHES = 1.9
-DPI = 100  # panels of ~150 px whatever the image size
-_BAR = {"orientation": "horizontal", "fraction": 0.06, "pad": 0.02, "aspect": 25}
+PANEL_PX = 150  # panel height; token maps are drawn over the image's extent, so width follows its aspect
 MASK_CLASSES = {0: "removed by p and lfdr", 1: "kept by p only", 2: "kept by lfdr only", 3: "kept by p and lfdr"}
+_GAP, _MARGIN, _TITLE, _SUPTITLE = 18, 8, 16, 22
+_BAR_PAD, _BAR, _TICK, _TICK_TEXT = 5, 8, 3, 12
+_BAR_BLOCK = _BAR_PAD + _BAR + _TICK + _TICK_TEXT
+_ARROW = 6  # the pointed end of a colour bar whose panel holds values beyond its scale
+_FRAME = (40, 40, 40)
 
 
 def to_display(image: Tensor) -> np.ndarray:
@@ -45,37 +52,117 @@ def attention_scale(raw: np.ndarray) -> tuple[float, float]:
     return float(finite.min()), float(finite.max())
 
 
-def _render(fig: Figure) -> np.ndarray:
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+@dataclass
+class _Panel:
+    """One panel: its pixels (drawn nearest-upsampled to the panel's box), its title, and its colour bar's
+    ``(colormap, vmin, vmax, extend)`` where it has one (``extend``: which ends hold values beyond the scale)."""
+
+    rgb: np.ndarray  # uint8 [h, w, 3]
+    title: str
+    bar: tuple[Colormap, float, float, str] | None = None
 
 
-def _removed_cmap(name: str) -> matplotlib.colors.Colormap:
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), size)
+
+
+def _removed_cmap(name: str) -> Colormap:
     return matplotlib.colormaps[name].with_extremes(bad=REMOVED_COLOUR)
 
 
-def _input_panel(fig: Figure, ax, base: np.ndarray) -> None:
-    ax.imshow(base, interpolation="nearest")
-    ax.set_title("input", fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    # an empty colour bar keeps the input panel the size of the others
-    fig.colorbar(ScalarMappable(cmap=ListedColormap(["white"])), ax=ax, **_BAR).ax.set_visible(False)
+def _coloured(values: np.ndarray, cmap: Colormap, vmin: float, vmax: float) -> np.ndarray:
+    """uint8 ``[h, w, 3]`` colours of ``values`` (masked or non-finite: the map's "bad" colour over white)."""
+    values = np.ma.masked_invalid(values)
+    scaled = (values - vmin) / (vmax - vmin) if vmax > vmin else values * 0.0
+    rgba = cmap(scaled, bytes=True).astype(np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
-def _panel(fig: Figure, ax, values: np.ndarray, title: str, cmap, vmin: float, vmax: float, extent) -> None:
-    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", extent=extent)
+def _map_panel(values: np.ndarray, title: str, cmap: Colormap | str, vmin: float, vmax: float) -> _Panel:
+    cmap = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
     shown = np.ma.compressed(np.ma.masked_invalid(values))
     low, high = bool(shown.size and shown.min() < vmin), bool(shown.size and shown.max() > vmax)
     extend = "both" if low and high else "min" if low else "max" if high else "neither"
-    ax.set_title(title, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    bar = fig.colorbar(im, ax=ax, extend=extend, **_BAR)  # a pointed end: values beyond the scale, clipped
-    bar.ax.xaxis.set_major_locator(MaxNLocator(4))  # narrow ranges would crowd the labels into each other
-    bar.ax.tick_params(labelsize=6)
-    bar.ax.xaxis.get_offset_text().set_fontsize(6)
+    return _Panel(_coloured(values, cmap, vmin, vmax), title, (cmap, vmin, vmax, extend))
+
+
+def _ticks(vmin: float, vmax: float) -> list[tuple[float, str]]:
+    """At most 4 round values in ``[vmin, vmax]`` and their labels, with the decimals their spacing needs."""
+    if not vmax > vmin:
+        return [(vmin, f"{vmin:.3g}")]
+    values = [v for v in MaxNLocator(4).tick_values(vmin, vmax) if vmin - 1e-9 * (vmax - vmin) <= v <= vmax]
+    step = values[1] - values[0] if len(values) > 1 else vmax - vmin
+    decimals = max(0, -int(np.floor(np.log10(step))))
+    while decimals < 6 and any(abs(round(v, decimals) - v) > step * 1e-6 for v in values):  # 0.25, not 0.2
+        decimals += 1
+    fmt = "{:.1e}" if decimals > 4 else f"{{:.{decimals}f}}"
+    return [(v, fmt.format(0.0 if abs(v) < step * 1e-6 else v)) for v in values]
+
+
+def _box(rgb: np.ndarray, height: int) -> tuple[int, int]:
+    return height, max(1, round(height * rgb.shape[1] / rgb.shape[0]))
+
+
+def _draw_bar(canvas: np.ndarray, draw: ImageDraw.ImageDraw, x: int, y: int, width: int, bar) -> None:
+    cmap, vmin, vmax, extend = bar
+    strip = _coloured(np.linspace(vmin, vmax, width)[None].repeat(_BAR, 0), cmap, vmin, vmax)
+    canvas[y : y + _BAR, x : x + width] = strip
+    draw.rectangle([x - 1, y - 1, x + width, y + _BAR], outline=_FRAME)
+    mid = y + _BAR // 2
+    if extend in ("min", "both"):
+        draw.polygon([(x - 1, y - 1), (x - 1, y + _BAR), (x - 1 - _ARROW, mid)], fill=tuple(strip[0, 0]), outline=_FRAME)
+    if extend in ("max", "both"):
+        end = x + width
+        draw.polygon([(end, y - 1), (end, y + _BAR), (end + _ARROW, mid)], fill=tuple(strip[0, -1]), outline=_FRAME)
+    font, right = _font(9), -1e9
+    for value, label in _ticks(vmin, vmax):
+        tx = x + (value - vmin) / (vmax - vmin) * (width - 1) if vmax > vmin else x
+        draw.line([(tx, y + _BAR), (tx, y + _BAR + _TICK - 1)], fill=_FRAME)
+        half = font.getlength(label) / 2
+        if tx - half < right + 3:  # labels never overlap: a crowded one is left out
+            continue
+        draw.text((tx, y + _BAR + _TICK), label, fill=(0, 0, 0), font=font, anchor="ma")
+        right = tx + half
+
+
+def _compose(rows: Sequence[Sequence[_Panel]], title: str) -> np.ndarray:
+    """Rows of panels on white: each panel titled above, framed, with its colour bar (if any) below it, and the
+    picture's title on top."""
+    boxes = [[_box(p.rgb, PANEL_PX) for p in row] for row in rows]
+    row_height = _TITLE + PANEL_PX + _BAR_BLOCK
+    widths = [sum(w for _, w in row) + _GAP * (len(row) - 1) for row in boxes]
+    width = max([*widths, int(_font(12).getlength(title)) + 2]) + 2 * _MARGIN
+    canvas = np.full((_SUPTITLE + row_height * len(rows) + _MARGIN, width, 3), 255, np.uint8)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    pasted: list[tuple[int, int, np.ndarray]] = []
+    bars = []
+    for r, (row, row_boxes) in enumerate(zip(rows, boxes, strict=True)):
+        x, y = _MARGIN, _SUPTITLE + r * row_height
+        for panel, (h, w) in zip(row, row_boxes, strict=True):
+            draw.text((x + w / 2, y + _TITLE - 3), panel.title, fill=(0, 0, 0), font=_font(11), anchor="md")
+            src_h, src_w = panel.rgb.shape[:2]
+            # nearest upsampling: each token (or pixel) a block of whole panel pixels
+            pixels = panel.rgb[(np.arange(h) * src_h) // h][:, (np.arange(w) * src_w) // w]
+            pasted.append((x, y + _TITLE, pixels))
+            draw.rectangle([x - 1, y + _TITLE - 1, x + w, y + _TITLE + h], outline=_FRAME)
+            if panel.bar is not None:
+                bars.append((x, y + _TITLE + h + _BAR_PAD, w, panel.bar))
+            x += w + _GAP
+    draw.text((width / 2, _SUPTITLE - 6), title, fill=(0, 0, 0), font=_font(12), anchor="md")
+    canvas = np.array(image)
+    for x, y, pixels in pasted:
+        canvas[y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for x, y, w, bar in bars:
+        _draw_bar(canvas, draw, x, y, w, bar)  # strips into the array, their frames and ticks onto the image
+    out = np.array(image)
+    for x, y, w, _ in bars:
+        out[y : y + _BAR, x : x + w] = canvas[y : y + _BAR, x : x + w]
+    return out
 
 
 def picture_row(
@@ -103,26 +190,24 @@ def picture_row(
     pool = (1 + sig.z_null.shape[1]) * raw.size  # p >= 1 / pool unless a token beats the whole pool
     z = grid(sig.z)
     zmax = max(float(np.abs(z).max()), 1e-6)
-    base = to_display(image)
-    extent = (0, base.shape[1], base.shape[0], 0)  # token maps drawn over the image's pixels
-    inferno_removed = _removed_cmap("inferno")
     panels = [
-        ("raw attention", raw, "inferno", lo, hi),
-        ("z (log scale)", z, "coolwarm", -zmax, zmax),
-        ("-log10 p", -np.log10(np.clip(grid(sig.p), 1e-300, 1)), "magma", 0.0, float(np.log10(pool))),
-        ("local FDR", grid(sig.lfdr), "viridis_r", 0.0, 1.0),
+        _input(image),
+        _map_panel(raw, "raw attention", "inferno", lo, hi),
+        _map_panel(z, "z (log scale)", "coolwarm", -zmax, zmax),
+        _map_panel(-np.log10(np.clip(grid(sig.p), 1e-300, 1)), "-log10 p", "magma", 0.0, float(np.log10(pool))),
+        _map_panel(grid(sig.lfdr), "local FDR", "viridis_r", 0.0, 1.0),
     ]
+    removed = _removed_cmap("inferno")
     for name in maps:
         kept = grid(reg.maps[name])
-        shown = np.ma.masked_where(kept <= 0, kept)  # removed: the "bad" colour, not the low end of the scale
-        panels.append((f"{name} map", shown, inferno_removed, lo, hi))
-    fig = Figure(figsize=(PANEL_INCHES * (1 + len(panels)), PANEL_INCHES * 1.3), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, 1 + len(panels))
-    _input_panel(fig, axes[0], base)
-    for ax, (title_, values, cmap, vmin, vmax) in zip(axes[1:], panels, strict=True):
-        _panel(fig, ax, values, title_, cmap, vmin, vmax, extent)
-    fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the map", fontsize=9)
-    return _render(fig)
+        # removed: the "bad" colour, not the low end of the scale
+        panels.append(_map_panel(np.ma.masked_where(kept <= 0, kept), f"{name} map", removed, lo, hi))
+    return _compose([panels], f"{title}{' · ' if title else ''}cyan: token removed by the map")
+
+
+def _input(image: Tensor | np.ndarray) -> _Panel:
+    base = image if isinstance(image, np.ndarray) else (to_display(image) * 255).round().astype(np.uint8)
+    return _Panel(base, "input")
 
 
 def mask_classes(reg: RegularizedAttention, index: int, size: tuple[int, int]) -> np.ndarray:
@@ -151,19 +236,12 @@ def evolution_picture(
     """How one image's maps moved over training: its raw (top) and lfdr (bottom) maps at every explained
     run side by side, titled by run (``history``: ``(label, raw [h, w], lfdr map [h, w])``), one colour
     scale; ``base`` is the input as drawn (:func:`display_uint8`)."""
-    extent = (0, base.shape[1], base.shape[0], 0)
-    cols = len(history)
-    fig = Figure(figsize=(PANEL_INCHES * (1 + cols), PANEL_INCHES * 2.5), dpi=DPI, layout="constrained")
-    axes = np.asarray(fig.subplots(2, 1 + cols)).reshape(2, 1 + cols)
-    for row in range(2):
-        _input_panel(fig, axes[row, 0], base)
-    cmap = _removed_cmap("inferno")
-    for j, (label, raw, lfdr_map) in enumerate(history, start=1):
-        _panel(fig, axes[0, j], raw, f"raw, {label}", "inferno", *scale, extent)
-        shown = np.ma.masked_where(lfdr_map <= 0, lfdr_map)
-        _panel(fig, axes[1, j], shown, f"lfdr map, {label}", cmap, *scale, extent)
-    fig.suptitle(f"{title}{' · ' if title else ''}cyan: token removed by the lfdr map", fontsize=9)
-    return _render(fig)
+    removed = _removed_cmap("inferno")
+    top, bottom = [_input(base)], [_input(base)]
+    for label, raw, lfdr_map in history:
+        top.append(_map_panel(raw, f"raw, {label}", "inferno", *scale))
+        bottom.append(_map_panel(np.ma.masked_where(lfdr_map <= 0, lfdr_map), f"lfdr map, {label}", removed, *scale))
+    return _compose([top, bottom], f"{title}{' · ' if title else ''}cyan: token removed by the lfdr map")
 
 
 def heads_picture(image: Tensor, per_head: RegularizedAttention, index: int, heads: int) -> np.ndarray:
@@ -172,19 +250,13 @@ def heads_picture(image: Tensor, per_head: RegularizedAttention, index: int, hea
     rows = range(index * heads, (index + 1) * heads)
     raw = per_head.attention[list(rows)].detach().double().cpu().numpy()
     lo, hi = attention_scale(raw)
-    base = to_display(image)
-    extent = (0, base.shape[1], base.shape[0], 0)
-    fig = Figure(figsize=(PANEL_INCHES * (1 + heads), PANEL_INCHES * 1.3), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, 1 + heads)
-    _input_panel(fig, axes[0], base)
-    cmap = _removed_cmap("inferno")
+    removed = _removed_cmap("inferno")
+    panels = [_input(image)]
     for h, row in enumerate(rows):
         kept = per_head.maps["lfdr"][row].detach().double().cpu().numpy().reshape(per_head.grid)
-        kept_n = int((kept > 0).sum())
-        title = f"head {h} lfdr map ({kept_n} kept)"
-        _panel(fig, axes[1 + h], np.ma.masked_where(kept <= 0, kept), title, cmap, lo, hi, extent)
-    fig.suptitle("each head tested against its own null attention · cyan: removed", fontsize=9)
-    return _render(fig)
+        title = f"head {h} lfdr map ({int((kept > 0).sum())} kept)"
+        panels.append(_map_panel(np.ma.masked_where(kept <= 0, kept), title, removed, lo, hi))
+    return _compose([panels], "each head tested against its own null attention · cyan: removed")
 
 
 def stack(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:

@@ -334,3 +334,16 @@ def test_mask_overlay_classes_are_what_their_names_say(monkeypatch):
     for t, name in names.items():
         r, c = divmod(t, 3)
         assert labels[int(layer["mask_data"][r * tile[0], c * tile[1]])] == name, t
+
+
+def test_colour_bar_labels_read_as_the_values_they_mark():
+    # a label rounded to too few decimals (0.25 drawn as "0.2") would misstate where the bar's colours lie
+    from attnreg_lightning.viz import _ticks
+
+    for lo, hi in [(0.0, 1.0), (0.0144, 0.0168), (-2.7, 2.7), (1e-6, 3e-6), (0.0, 2.4), (3.0, 7.0)]:
+        ticks = _ticks(lo, hi)
+        assert len(ticks) >= 2, (lo, hi)
+        step = ticks[1][0] - ticks[0][0]
+        for value, label in ticks:
+            assert lo - 1e-12 <= value <= hi + 1e-12
+            assert abs(float(label) - value) <= step * 1e-3, (lo, hi, value, label)
