@@ -74,9 +74,20 @@ def check_masks(masks: Tensor | None, images: Tensor, what: str) -> None:
         )
 
 
-def take_rows(masks: Any, rows: list[int]) -> Tensor | None:
-    """The chosen rows of an optional per-image tensor (masks may come as arrays or lists)."""
-    return None if masks is None else torch.as_tensor(masks)[rows]
+def take_rows(values: Any, rows: list[int], size: int) -> Tensor | None:
+    """The chosen rows of an optional per-image tensor of ``size`` rows (masks may come as arrays or lists).
+
+    On a GPU this never waits for the device: all rows are the tensor itself, and others are gathered with an
+    index copied to it asynchronously (indexing with a Python list would copy the index synchronously)."""
+    if values is None:
+        return None
+    values = torch.as_tensor(values)
+    if rows == list(range(size)):
+        return values
+    index = torch.tensor(rows, dtype=torch.long)
+    if values.device.type == "cuda":
+        index = index.pin_memory().to(values.device, non_blocking=True)
+    return values.index_select(0, index.to(values.device))
 
 
 def sampler_padding(loader: Any) -> Callable[[int], bool] | None:

@@ -28,7 +28,7 @@ from attnreg_lightning.batch import (
     take_rows,
 )
 from attnreg_lightning.config import AttnRegConfig
-from attnreg_lightning.engine import AttentionRegularizer
+from attnreg_lightning.engine import AttentionRegularizer, statistics_device
 from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, warn_unknown
 from attnreg_lightning.pictures import PictureBook, PictureRow
 from attnreg_lightning.probes import ProbeBook
@@ -45,7 +45,7 @@ class _Job:
 
     batch_idx: int
     ids: list[int]
-    images: Tensor
+    images: Tensor | None  # None where no picture will be drawn of them (background statistics)
     masks: Tensor | None
     noise_masks: Tensor | None
 
@@ -115,7 +115,8 @@ class AttentionRegularizationCallback(Callback):
         self._warned_loggers = False
         self._logged_config = False
         self._background = False
-        self._pending: deque[tuple[Future[RegularizedAttention], _Job]] = deque()
+        self._pending: deque[tuple[Future[None], _Job]] = deque()
+        self._failed_images = 0  # counted on the training thread, added to the metrics once the run's jobs are done
 
     @property
     def prefix(self) -> str:
@@ -192,10 +193,11 @@ class AttentionRegularizationCallback(Callback):
         self.pictures.start_run()
         # background statistics land on the CPU: the metrics gather them there, and move to the device to sync
         self._background = cfg.statistics == "background" or (
-            cfg.statistics == "auto" and pl_module.device.type == "cuda"
+            cfg.statistics == "auto" and pl_module.device.type in ("cuda", "mps")
         )
         self._pending.clear()
-        self.run_metrics.reset("cpu" if self._background else pl_module.device)
+        self._failed_images = 0
+        self.run_metrics.reset("cpu" if self._background else statistics_device(pl_module.device))
 
     @override
     def on_validation_batch_end(
@@ -216,25 +218,38 @@ class AttentionRegularizationCallback(Callback):
         rows, ids = self._picker.pick(view, trainer.global_rank, wanted, self._padding)
         if not rows:
             return
-        images = view.images[rows].to(pl_module.device)
-        job = _Job(batch_idx, ids, images, take_rows(view.masks, rows), take_rows(view.noise_masks, rows))
+        size = view.images.shape[0]
+        images = take_rows(view.images, rows, size).to(pl_module.device)
+        job = _Job(batch_idx, ids, images, take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size))
         try:
             check_masks(job.masks, images, "masks")
             check_masks(job.noise_masks, images, "noise masks")
-            if self._background:  # forwards now; statistics in the engine's thread, collected below
-                self._pending.append((self.engine.submit(images, sample_ids=ids), job))
+            if self._background:
+                self._submit(trainer, job)
             else:
                 self._record(trainer, job, self.engine(images, sample_ids=ids))
         except Exception as err:
             self._failed(err, job)
-        self._collect(trainer, wait=False)
+        self._collect(wait=False)
 
-    def _collect(self, trainer: L.Trainer, wait: bool) -> None:
-        """Record the background jobs that are done (all of them with ``wait``), in the order submitted."""
+    def _submit(self, trainer: L.Trainer, job: _Job) -> None:
+        """The forwards now; the statistics and everything after them (metrics, probes, pictures) in the engine's
+        thread, in the order submitted, so the run's values are those of the inline path. The images go along only
+        while a picture may still be drawn of them."""
+        drawn = trainer.is_global_zero and len(self.pictures.rows) < self.pictures.limit
+        carry = (job.masks, job.noise_masks, job.images if drawn else None)
+
+        def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, images: Tensor | None):
+            self._record(trainer, dataclasses.replace(job, images=images, masks=masks, noise_masks=noise), reg)
+
+        self._pending.append((self.engine.submit(job.images, job.ids, then=record, carry=carry), job))
+
+    def _collect(self, wait: bool) -> None:
+        """Take the background jobs that are done (all of them with ``wait``), in the order submitted."""
         while self._pending and (wait or self._pending[0][0].done()):
             future, job = self._pending.popleft()
             try:  # the statistics thread's exception is raised here, in the training process
-                self._record(trainer, job, future.result())
+                future.result()
             except Exception as err:
                 self._failed(err, job)
 
@@ -243,10 +258,11 @@ class AttentionRegularizationCallback(Callback):
             raise err
         take = len(job.ids)
         rank_zero_warn(f"{self.prefix}: could not explain {take} image(s) of validation batch {job.batch_idx}: {err}")
-        self.run_metrics.count_failed(take)
+        self._failed_images += take
 
     def _record(self, trainer: L.Trainer, job: _Job, reg: RegularizedAttention) -> None:
-        """Metrics, probes and pictures of one explained batch."""
+        """Metrics, probes and pictures of one explained batch (in the statistics thread, with background
+        statistics: nothing else touches them until the run's jobs are done)."""
         valid = reg.significance.valid
         bad = int((~valid).sum())
         if bad and self.config.on_error == "raise":
@@ -266,9 +282,10 @@ class AttentionRegularizationCallback(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
             return
-        self._collect(trainer, wait=True)
+        self._collect(wait=True)
+        self.run_metrics.count_failed(self._failed_images)
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
-        results = self.run_metrics.compute(pl_module.device)
+        results = self.run_metrics.compute(statistics_device(pl_module.device))
         values = {f"{self.prefix}/{k}": v.float() for k, v in results.items()}
         # Already reduced over ranks by torchmetrics: rank_zero_only turns Lightning's own sync (and its
         # "use sync_dist=True" warning) off, while every rank still logs the same value.

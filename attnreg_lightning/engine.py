@@ -12,9 +12,10 @@ the global RNG: no gradients, every module's train/eval mode restored, randomnes
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,19 @@ def _check_tiles(vit: nn.Module, tile: int | None) -> None:
             f"patch_size={tile}: the patch null's tiles must tile the model's {size[0]}x{size[1]} images "
             "(choose a divisor of the image size, or null for the model's patch size)"
         )
+
+
+def statistics_device(device: torch.device | str) -> torch.device:
+    """Where the statistics and the metrics' states live for a model on ``device``: there, except on devices
+    without float64 (Apple MPS), where they are computed on the CPU."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _start_statistics_thread(device: torch.device) -> None:
+    torch.set_num_threads(1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _to_pinned_host(t: Tensor) -> Tensor:
@@ -129,6 +143,7 @@ class AttentionRegularizer:
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._worker_device: torch.device | None = None
 
     def generators(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None) -> list[torch.Generator]:
         """One generator per image: seeded by (seed, sample id) when ids are given, else the engine's stream."""
@@ -174,10 +189,18 @@ class AttentionRegularizer:
     def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
         """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
         grid = token_grid(self.model, images)
-        return self.explain(*self.observe(images, sample_ids), grid)
+        obs, null = self.observe(images, sample_ids)
+        where = statistics_device(obs.device)
+        return self.explain(obs.to(where), null.to(where), grid)
 
     @torch.no_grad()
-    def submit(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> Future[RegularizedAttention]:
+    def submit(
+        self,
+        images: Tensor,
+        sample_ids: Sequence[int] | Tensor | None = None,
+        then: Callable[..., Any] | None = None,
+        carry: Sequence[Tensor | None] = (),
+    ) -> Future[Any]:
         """:meth:`__call__` in two halves: the forward passes now, the statistics in a background CPU thread.
 
         On a GPU the attention is copied to pinned host memory without waiting for the device, and the thread
@@ -185,6 +208,11 @@ class AttentionRegularizer:
         forwards): the statistics leave the GPU's critical path. ``result()`` is what :meth:`explain` gives for
         the same attention on the CPU (its tensors on the CPU), or raises the thread's exception. Jobs run one
         at a time, in the order submitted; :meth:`close` ends the thread.
+
+        ``then(result, *carry)``, when given, also runs in the thread, right after the job's statistics, and
+        ``result()`` is what it returns: the caller's own host work (metrics, pictures) leaves the critical path
+        too, in the order submitted. ``carry`` are tensors it needs besides the attention (``None`` allowed),
+        copied to the host with it.
 
             futures = [engine.submit(x, ids) for x, ids in batches]   # forwards back to back
             results = [f.result() for f in futures]
@@ -194,24 +222,46 @@ class AttentionRegularizer:
         copied = None
         if obs.device.type == "cuda":
             obs, null = _to_pinned_host(obs), _to_pinned_host(null)
-            copied = torch.cuda.Event()
+            carry = [None if t is None else _to_pinned_host(t) for t in carry]
+            # a blocking event: the thread sleeps until the copies land instead of spinning a CPU core
+            copied = torch.cuda.Event(blocking=True)
             copied.record()
-        return self._worker().submit(self._explain_when_copied, obs, null, grid, copied)
+        elif obs.device.type != "cpu":  # e.g. MPS: no pinned copies there, and no float64 for the statistics
+            obs, null = obs.cpu(), null.cpu()
+            carry = [None if t is None else t.cpu() for t in carry]
+        # the caller's inference mode goes with the job: states made under it (e.g. metrics reset in a Lightning
+        # validation loop) can only be updated under it
+        inference = torch.is_inference_mode_enabled()
+        job = (obs, null, grid, copied, then, carry, inference)
+        return self._worker(images.device).submit(self._explain_when_copied, *job)
 
     @torch.no_grad()  # grad mode is per thread
     def _explain_when_copied(
-        self, obs: Tensor, null: Tensor, grid: tuple[int, int] | None, copied: torch.cuda.Event | None
-    ) -> RegularizedAttention:
+        self,
+        obs: Tensor,
+        null: Tensor,
+        grid: tuple[int, int] | None,
+        copied: torch.cuda.Event | None,
+        then: Callable[..., Any] | None,
+        carry: Sequence[Tensor | None],
+        inference: bool,
+    ) -> Any:
         if copied is not None:
             copied.synchronize()
-        return self.explain(obs, null, grid)
+        with torch.inference_mode(inference):
+            reg = self.explain(obs, null, grid)
+            return reg if then is None else then(reg, *carry)
 
-    def _worker(self) -> ThreadPoolExecutor:
+    def _worker(self, device: torch.device) -> ThreadPoolExecutor:
+        if self._executor is not None and self._worker_device != device:
+            self.close()
         if self._executor is None:
-            # one thread, one intra-op thread: torch's thread count is per OpenMP thread, so the caller's stays
+            # one thread, one intra-op thread (torch's thread count is per OpenMP thread, so the caller's stays),
+            # on the caller's device: a thread that touched CUDA without it would open a context on GPU 0
             self._executor = ThreadPoolExecutor(
-                1, thread_name_prefix="attnreg-statistics", initializer=torch.set_num_threads, initargs=(1,)
+                1, thread_name_prefix="attnreg-statistics", initializer=_start_statistics_thread, initargs=(device,)
             )
+            self._worker_device = device
         return self._executor
 
     def close(self) -> None:

@@ -51,7 +51,7 @@ class PictureBook:
 
     def add(
         self,
-        images: Tensor,
+        images: Tensor | None,
         reg: RegularizedAttention,
         ids: list[int],
         scores: dict[str, Tensor],
@@ -59,12 +59,13 @@ class PictureBook:
         heads: int | None,
     ) -> None:
         """Note one result's z-scores and draw its valid images while rows are wanted; ``scores`` are
-        those of its valid images, ``stage`` names the run (``epoch3``, ``validate``)."""
+        those of its valid images, ``stage`` names the run (``epoch3``, ``validate``); ``images`` None: none
+        is wanted any more (the caller knew)."""
         sig = reg.significance
         valid_rows = sig.valid.nonzero().flatten().tolist()
         self._z.append((sig.z[sig.valid], sig.z_null[sig.valid]))
         for j, i in enumerate(valid_rows):
-            if len(self.rows) >= self.limit or reg.grid is None:
+            if images is None or len(self.rows) >= self.limit or reg.grid is None:
                 return
             scale = self.probes.scale(ids[i])  # noted by ProbeBook.follow: the probe's first run's scale
             kept = int((reg.maps["lfdr"][i] > 0).sum())

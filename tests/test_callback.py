@@ -577,6 +577,38 @@ def test_background_statistics_log_and_record_exactly_what_inline_statistics_do(
     assert background.history == inline.history
 
 
+def test_background_statistics_leave_metrics_probes_and_pictures_to_the_statistics_thread(tmp_path, monkeypatch):
+    # what follows the forwards must not run on the training thread: there it would hold up the next batch's
+    # forwards (on a GPU, the device would sit idle while the host scores, sorts and draws)
+    from attnreg_lightning import pictures as pictures_module
+
+    where: dict[str, set[str]] = {"record": set(), "draw": set(), "batch hook": set()}
+    drawn = pictures_module.picture_row
+
+    def draw(*args, **kwargs):
+        where["draw"].add(threading.current_thread().name)
+        return drawn(*args, **kwargs)
+
+    monkeypatch.setattr(pictures_module, "picture_row", draw)
+
+    class Watched(AttentionRegularizationCallback):
+        def _record(self, trainer, job, reg):
+            where["record"].add(threading.current_thread().name)
+            super()._record(trainer, job, reg)
+
+        def on_validation_batch_end(self, *args, **kwargs):
+            where["batch hook"].add(threading.current_thread().name)
+            super().on_validation_batch_end(*args, **kwargs)
+
+    cb = Watched(n_bootstrap=2, num_images=8, log_images=3, statistics="background")
+    (logged,) = _trainer(tmp_path, [cb]).validate(tiny_module(), tiny_data(val_size=8, batch_size=4))
+    assert logged["attnreg/explained"] == 8 and len(cb._last_rows) == 3
+    (training,) = where["batch hook"]
+    assert where["record"] and where["draw"]
+    assert all(name.startswith("attnreg-statistics") for name in where["record"] | where["draw"]), where
+    assert training not in where["record"] | where["draw"]
+
+
 @pytest.mark.parametrize("on_error", ["warn", "raise"])
 def test_an_exception_in_the_statistics_thread_is_warned_and_counted_or_raised(tmp_path, monkeypatch, on_error):
     def failing(*args, **kwargs):

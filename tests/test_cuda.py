@@ -103,3 +103,60 @@ def test_the_statistics_thread_reads_the_attention_only_once_its_copy_has_landed
     got = engine.submit(images, ids).result()
     assert torch.equal(got.attention, want.attention) and torch.equal(got.significance.z, want.significance.z)
     engine.close()
+
+
+def _gpu_trainer(tmp_path, callbacks):
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+
+
+def test_the_background_batch_hook_never_waits_for_the_device(tmp_path):
+    """With background statistics the training thread only launches forwards and copies: the batch hook must run
+    under ``set_sync_debug_mode("error")``, which raises at any device-to-host synchronization. Batches with no
+    ids (explained by position) and with ids left on the host; a picked subset of rows too (gathered, not
+    indexed with a Python list)."""
+    from attnreg_lightning import AttentionRegularizationCallback
+    from tests.helpers import tiny_data, tiny_module
+
+    module = tiny_module()
+    trainer = _gpu_trainer(tmp_path, [])
+    trainer.validate(module, tiny_data(val_size=8, batch_size=4), verbose=False)  # the module on the device
+    images = torch.randn(4, 3, 48, 48, device="cuda")  # tiny_module's size
+    batches = {6: images, 4: (images, torch.zeros(4, device="cuda"), torch.tensor([100, 101, 102, 103]))}
+    for explained, batch in batches.items():
+        cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=6, log_images=2, statistics="background")
+        cb.setup(trainer, module, "validate")
+        cb.on_validation_epoch_start(trainer, module)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cb.on_validation_batch_end(trainer, module, None, batch, 0)
+            cb.on_validation_batch_end(trainer, module, None, batch, 1)  # by position: 2 rows left, a subset
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        cb._collect(wait=True)
+        assert int(cb.run_metrics.compute("cpu")["explained"]) == explained
+        assert len(cb.pictures.rows) == 2
+        cb.teardown(trainer, module, "validate")
+
+
+def test_the_statistics_thread_works_on_the_callers_device():
+    """A thread that touched CUDA on the default device would open a context on GPU 0 from every rank."""
+    import threading
+
+    seen = []
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0)
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    engine = AttentionRegularizer(vit.to(device).eval(), n_bootstrap=2)
+
+    def where(reg):
+        seen.append((threading.current_thread().name, torch.cuda.current_device()))
+        return reg
+
+    engine.submit(torch.randn(2, 3, 32, 32, device=device), [0, 1], then=where).result()
+    engine.close()
+    assert seen == [(seen[0][0], device.index)] and seen[0][0].startswith("attnreg-statistics")

@@ -288,3 +288,13 @@ def test_an_exception_in_the_statistics_thread_is_raised_by_result(vit, monkeypa
     monkeypatch.undo()
     assert engine.submit(_images(2), [0, 1]).result().maps["lfdr"].shape == (2, 16)  # the thread lives on
     engine.close()
+
+
+def test_statistics_stay_on_the_device_unless_it_lacks_float64():
+    # Apple MPS has no float64: the statistics (and the metrics' float64 states) are computed on the CPU there
+    from attnreg_lightning.engine import statistics_device
+
+    assert statistics_device("mps") == torch.device("cpu")
+    assert statistics_device("mps:0") == torch.device("cpu")
+    assert statistics_device("cuda:1") == torch.device("cuda", 1)
+    assert statistics_device(torch.device("cpu")) == torch.device("cpu")
