@@ -45,10 +45,18 @@ def entropy(x: Tensor) -> Tensor:
 
 def mean_percentile(x: Tensor, region: Tensor) -> Tensor:
     """Mean percentile (0-100, mid-rank for ties) of the region's tokens among all tokens; NaN if no region."""
-    ordered = x.sort(dim=1).values.contiguous()
-    below = torch.searchsorted(ordered, x.contiguous(), right=False).to(x.dtype)
-    ties = torch.searchsorted(ordered, x.contiguous(), right=True).to(x.dtype) - below - 1
-    pct = 100 * (below + 0.5 * ties) / max(x.shape[1] - 1, 1)
+    ordered, order = x.sort(dim=1)
+    n = x.shape[1]
+    position = torch.arange(n, device=x.device).expand_as(ordered)
+    # each sorted value's run of equal values: tokens below it = the run's start, its ties = the run's length - 1
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    below = torch.where(starts, position, 0).cummax(1).values
+    last = torch.where(ends, position, n - 1).flip(1).cummin(1).values.flip(1)
+    sorted_pct = 100 * (below + 0.5 * (last - below)).to(x.dtype) / max(n - 1, 1)
+    pct = torch.empty_like(sorted_pct).scatter_(1, order, sorted_pct)
     return (pct * region).sum(1) / region.sum(1)
 
 

@@ -105,17 +105,29 @@ def _box(rgb: np.ndarray, height: int) -> tuple[int, int]:
     return height, max(1, round(height * rgb.shape[1] / rgb.shape[0]))
 
 
+def _strip(cmap: Colormap, width: int) -> np.ndarray:
+    """A colour bar's strip: the colour map from its low end to its high end (whatever values it stands for)."""
+    return _named_strip(cmap.name, width) if cmap.name in matplotlib.colormaps else _strip_of(cmap, width)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_strip(name: str, width: int) -> np.ndarray:
+    return _strip_of(matplotlib.colormaps[name], width)
+
+
+def _strip_of(cmap: Colormap, width: int) -> np.ndarray:
+    return _coloured(np.linspace(0.0, 1.0, width)[None].repeat(_BAR, 0), cmap, 0.0, 1.0)
+
+
 def _draw_bar(canvas: np.ndarray, draw: ImageDraw.ImageDraw, x: int, y: int, width: int, bar) -> None:
     cmap, vmin, vmax, extend = bar
-    strip = _coloured(np.linspace(vmin, vmax, width)[None].repeat(_BAR, 0), cmap, vmin, vmax)
+    strip = _strip(cmap, width)
     canvas[y : y + _BAR, x : x + width] = strip
     draw.rectangle([x - 1, y - 1, x + width, y + _BAR], outline=_FRAME)
-    mid = y + _BAR // 2
-    if extend in ("min", "both"):
-        draw.polygon([(x - 1, y - 1), (x - 1, y + _BAR), (x - 1 - _ARROW, mid)], fill=tuple(strip[0, 0]), outline=_FRAME)
-    if extend in ("max", "both"):
-        end = x + width
-        draw.polygon([(end, y - 1), (end, y + _BAR), (end + _ARROW, mid)], fill=tuple(strip[0, -1]), outline=_FRAME)
+    for side, edge, tip in (("min", x - 1, x - 1 - _ARROW), ("max", x + width, x + width + _ARROW)):
+        if extend in (side, "both"):
+            colour = tuple(int(c) for c in strip[0, 0 if side == "min" else -1])
+            draw.polygon([(edge, y - 1), (edge, y + _BAR), (tip, y + _BAR // 2)], fill=colour, outline=_FRAME)
     font, right = _font(9), -1e9
     for value, label in _ticks(vmin, vmax):
         tx = x + (value - vmin) / (vmax - vmin) * (width - 1) if vmax > vmin else x

@@ -13,8 +13,10 @@ suite goes on):
 - ``stats_share``: six batches through the engine, interleaved: forwards alone (``observe``), statistics
   inline on the device (``__call__``) and in the background CPU thread (``submit``): the statistics' share of
   the engine's wall time each way, and ``significance()`` timed alone on the device;
-- ``callback``: a real ``trainer.validate`` on one device with the statistics inline and in the background:
-  validation wall time with and without the callback, and the callback's hooks beyond the engine;
+- ``sync_check``: the batch hook with background statistics under ``set_sync_debug_mode("error")``;
+- ``callback``: a real ``trainer.validate`` on one device, the default model and ViT-S/8 at 224 px, with the
+  statistics inline and in the background: validation wall time with and without the callback, the hooks'
+  time and the added wall time against the engine's forwards alone (see ``bench_callback.py``);
 - ``app``: ``train.py trainer=gpu`` and a one-device DDP run (nccl) with small limits: exit code and time.
 """
 
@@ -140,6 +142,8 @@ def section_stats_share(device: torch.device, quick: bool) -> None:
 
 
 def section_callback(device: torch.device, quick: bool) -> None:
+    """Goal: in a steady epoch with background statistics, the callback's hooks (``hooks_over_forwards``) and the
+    validation time it adds (``cost_over_forwards``) are at most 1.10x the engine's forwards, at both models."""
     try:
         import wandb  # noqa: F401
 
@@ -148,15 +152,31 @@ def section_callback(device: torch.device, quick: bool) -> None:
         logger = "csv"
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     cmd = [sys.executable, "benchmarks/bench_callback.py", "--accelerator", accelerator, "--logger", logger]
+    models = ["default"] if quick else ["default", "vit_small_patch8_224"]
     if quick:
         cmd += ["--num-images", "4", "--n-bootstrap", "2", "--log-images", "2"]
-    for where in ("inline", "background"):
-        out = run_command(
-            "callback", f"bench_callback.py {where}", [*cmd, "--statistics", where], 180, env={"WANDB_MODE": "offline"}
-        )
-        for line in out.splitlines():
-            if line.startswith("{"):
-                emit("callback", **json.loads(line))
+    for model in models:
+        for where in ("inline", "background"):
+            out = run_command(
+                "callback",
+                f"bench_callback.py {model} {where}",
+                [*cmd, "--model", model, "--statistics", where],
+                240,
+                env={"WANDB_MODE": "offline"},
+            )
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    emit("callback", **json.loads(line))
+
+
+def section_sync_check(device: torch.device) -> None:
+    """Goal: no device-to-host synchronization inside the batch hook with background statistics (the CUDA test
+    runs the hook under ``torch.cuda.set_sync_debug_mode("error")``)."""
+    test = "tests/test_cuda.py::test_the_background_batch_hook_never_waits_for_the_device"
+    out = run_command("sync_check", "batch hook under set_sync_debug_mode('error')", [sys.executable, "-m", "pytest",
+                      "-q", "-m", "cuda", test], 240)  # fmt: skip
+    counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", out))
+    emit("sync_check", **counts)
 
 
 def section_app(device: torch.device, quick: bool) -> None:
@@ -183,7 +203,11 @@ def section_app(device: torch.device, quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--sections", nargs="+", default=["env", "cuda_tests", "engine", "stats_share", "callback", "app"])
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["env", "cuda_tests", "sync_check", "engine", "stats_share", "callback", "app"],
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -193,6 +217,7 @@ def main() -> None:
     sections = {
         "env": lambda: section_env(device),
         "cuda_tests": lambda: section_cuda_tests(device),
+        "sync_check": lambda: section_sync_check(device),
         "engine": lambda: section_engine(device, quick),
         "stats_share": lambda: section_stats_share(device, quick),
         "callback": lambda: section_callback(device, quick),
