@@ -1,0 +1,360 @@
+"""Faithfulness of attention maps: does the model's prediction depend on the tokens a map keeps?
+
+Pure functions over a batch; every perturbed image streams through the classifier in chunks, so memory does
+not grow with the number of perturbations::
+
+    forward = classifier_forward(model)                     # images -> logits, None without a head
+    res = faithfulness(forward, images, reg.attention, reg.maps, reg.grid, ids, mode="curves")
+    res.scores["lfdr/comprehensiveness"]                    # [B] float64
+
+Definitions (per image):
+
+- ``c`` is the class the model predicts on the clean image ``x`` (argmax of its logits) and ``P_c(.)`` the
+  softmax probability of class ``c``, the softmax taken in float64 of whatever logits the forward (and its
+  autocast) gave.
+- A token stands for a ``ph x pw`` pixel block (``H = h ph``, ``W = w pw`` for the token grid ``(h, w)``).
+  A *removed* token's block is replaced by the same block of a baseline image in the model's input space:
+  ``"mean"`` (each channel's mean over the image's pixels), ``"blur"`` (the image blurred by a Gaussian of
+  ``sigma = max(ph, pw)``, separable, reflect padding, truncated at ``3 sigma`` or the image's edge) or
+  ``"zeros"``.
+- For a thresholded map ``m`` (``p``, ``lfdr``, ``pi0``, ``q``), ``S`` is the set of tokens with ``m > 0`` and
+  ``k = |S|``; ``comprehensiveness = P_c(x) - P_c(x with S removed)`` and
+  ``sufficiency = P_c(x) - P_c(x with only S kept)`` (every other token removed). The same two numbers are given
+  for two size-matched sets: ``topk@m`` (the ``k`` tokens of highest raw attention, ties to the lower token
+  index) and ``random@m`` (the ``k`` tokens with the smallest keys of :func:`token_keys`, a function of the
+  seed, the sample id and the token index only: the same image with the same id draws the same tokens in any
+  batch, at any position, on any device). An image with ``k = 0`` or ``k = T`` has no such question: its six
+  values for that map are NaN and it is counted in ``undefined[m]``.
+- Deletion and insertion curves of the continuous maps ``raw`` (the attention) and ``posterior``, with
+  ``K = steps``: tokens are ordered by the map's value, descending, ties by raw attention, descending, then by
+  token index. At step ``j = 0..K`` the first ``m_j = round(j T / K)`` tokens in that order (Python's ``round``:
+  halves to even) are removed from ``x`` (deletion: ``P_c`` of ``x`` without them) or kept in the all-baseline
+  image (insertion: ``P_c`` of the baseline with only them). Deletion at ``j = 0`` and insertion at ``j = K`` are
+  the clean image (no forward of their own); deletion at ``j = K`` and insertion at ``j = 0`` are the all-baseline
+  image, one forward shared by both curves of both maps. ``*_auc`` is the trapezoidal area of the ``K + 1``
+  points over the fraction ``[0, 1]``. A lower deletion AUC and a higher insertion AUC mean a more faithful map.
+  An image whose attention or map has a non-finite value (the engine's mark of an image it could not test) gets
+  NaN areas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from attnreg_lightning.attention import resolve_vit
+from attnreg_lightning.bootstrap import rechunk, require_positive_int
+from attnreg_lightning.engine import eval_mode
+from attnreg_lightning.readers import hf as hf_reader
+from attnreg_lightning.readers import timm as timm_reader
+
+MODES = ("kept", "curves")
+BASELINES = ("mean", "blur", "zeros")
+KEPT_MAPS = ("p", "lfdr", "pi0", "q")
+CURVE_MAPS = ("raw", "posterior")
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class FaithfulnessResult:
+    """Per-image float64 ``[B]`` scores keyed ``"<map>/comprehensiveness"``, ``"topk@<map>/sufficiency"``, ...,
+    ``"raw/deletion_auc"``, ...; the curves themselves ``[B, K + 1]`` keyed ``"raw/deletion"``, ...; per kept map
+    the number of images it leaves undefined; the predicted class ``c`` and ``P_c`` of the clean images."""
+
+    scores: dict[str, Tensor]
+    curves: dict[str, Tensor]
+    undefined: dict[str, int]
+    predicted: Tensor
+    p_clean: Tensor
+
+
+def _hf_classifier(vit: nn.Module) -> bool:
+    """A Hugging Face model with an image classification head: one of the classes transformers' auto mapping lists
+    for its model type (a CLIP vision tower, a ``ViTModel`` or a ``Dinov2Model`` are not)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(vit.config.model_type, ())
+    return type(vit).__name__ in ((names,) if isinstance(names, str) else names)
+
+
+def classifier_forward(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """``images -> logits [B, classes]`` of the ViT the engine reads in ``model`` (see
+    :func:`~attnreg_lightning.attention.resolve_vit`), or None when it has no classification head: a timm ViT
+    built with ``num_classes=0``, a Hugging Face backbone, any model no built-in reader knows.
+
+    The forward runs the model in eval mode (a dropout would make ``P_c`` noisy) and restores each module's mode.
+    """
+    vit = resolve_vit(model)
+    if timm_reader.READER.matches(vit) and getattr(vit, "num_classes", 0) > 0:
+        run = vit
+    elif hf_reader.READER.matches(vit) and _hf_classifier(vit):
+
+        def run(images: Tensor) -> Tensor:
+            return vit(pixel_values=images, **hf_reader.size_kwargs(vit, images)).logits
+
+    else:
+        return None
+
+    def forward(images: Tensor) -> Tensor:
+        with eval_mode(vit):
+            return run(images)
+
+    return forward
+
+
+def _shr(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 words (torch's ``>>`` is arithmetic: it copies the sign bit in)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    """splitmix64's output function on int64 words (products wrap modulo 2**64 as in uint64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def token_keys(seed: int, sample_ids: Tensor, tokens: int) -> Tensor:
+    """Pseudo-random keys in ``[0, 2**63)``, int64 ``[B, T]``: a hash of (seed, sample id, token index) only, so a
+    token's key does not depend on the batch, the image's place in it or the device.
+
+    With ``s`` splitmix64's output function on 64-bit words: ``s(s(s(seed) ^ id) ^ token) >> 1`` (the top 63 bits:
+    keys compare alike as signed and unsigned words)."""
+    ids = sample_ids.to(torch.int64)
+    image = _splitmix64(_splitmix64(torch.full_like(ids, _signed(seed))) ^ ids)
+    index = torch.arange(tokens, device=ids.device, dtype=torch.int64)
+    return _shr(_splitmix64(image[:, None] ^ index), 1)
+
+
+def _ranks(order: Tensor) -> Tensor:
+    """Each token's place in ``order [B, T]`` (a permutation of the token indices per row)."""
+    places = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def _descending_ranks(values: Tensor, then: Tensor | None = None) -> Tensor:
+    """Ranks by ``values`` descending, ties by ``then`` descending, then by token index (two stable sorts:
+    the later sort keeps the earlier one's order among its ties)."""
+    order = torch.arange(values.shape[1], device=values.device).expand_as(values)
+    if then is not None:
+        order = then.sort(dim=1, descending=True, stable=True).indices
+    order = order.gather(1, values.gather(1, order).sort(dim=1, descending=True, stable=True).indices)
+    return _ranks(order)
+
+
+def top_tokens(attention: Tensor, k: Tensor) -> Tensor:
+    """Bool ``[B, T]``: each image's ``k [B]`` tokens of highest attention, ties to the lower token index."""
+    return _descending_ranks(attention) < k[:, None]
+
+
+def random_tokens(seed: int, sample_ids: Tensor, k: Tensor, tokens: int) -> Tensor:
+    """Bool ``[B, T]``: each image's ``k [B]`` tokens with the smallest :func:`token_keys`."""
+    return _ranks(token_keys(seed, sample_ids, tokens).argsort(dim=1, stable=True)) < k[:, None]
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """``images [B, C, H, W]`` blurred channel by channel: a Gaussian of ``sigma`` pixels applied along the
+    width, then the height, with reflect padding; its kernel stops at ``3 sigma`` or where reflection can no
+    longer fill the padding (one pixel short of the image's size)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b * c, 1, h, w)
+    for size, axis in ((w, -1), (h, -2)):
+        radius = min(math.ceil(3 * sigma), size - 1)
+        t = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float64)
+        kernel = torch.exp(-(t**2) / (2 * sigma**2))
+        kernel = (kernel / kernel.sum()).to(images.dtype)
+        if axis == -1:
+            x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        else:
+            x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.reshape(b, c, h, w)
+
+
+def baseline_images(images: Tensor, baseline: str, block: tuple[int, int]) -> Tensor:
+    """The image removed tokens are replaced from, ``[B, C, H, W]`` (``block``: a token's pixels ``(ph, pw)``)."""
+    if baseline == "mean":
+        return images.mean(dim=(-2, -1), keepdim=True).expand_as(images)
+    if baseline == "blur":
+        return gaussian_blur(images, float(max(block)))
+    if baseline == "zeros":
+        return torch.zeros_like(images)
+    raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+
+
+def compose(images: Tensor, base: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``images`` where ``keep [B, T]`` keeps a token, ``base`` in the pixel blocks of the other tokens."""
+    b, _, height, width = images.shape
+    h, w = grid
+    pixels = keep.reshape(b, h, 1, w, 1).expand(b, h, height // h, w, width // w).reshape(b, 1, height, width)
+    return torch.where(pixels, images, base)
+
+
+def _class_probability(
+    forward: Callable[[Tensor], Tensor], sets: Iterable[Tensor], predicted: Tensor, max_images: int
+) -> Tensor:
+    """``P_c`` of every image of a stream of ``[B, C, H, W]`` sets, ``[n_sets, B]`` float64; the sets are cut into
+    forwards of at most ``max_images`` images, across set boundaries."""
+    b = len(predicted)
+    out, done = [], 0
+    for chunk in rechunk(sets, max_images):
+        rows = torch.arange(done, done + len(chunk), device=predicted.device) % b
+        probs = forward(chunk).to(torch.float64).softmax(dim=-1)
+        out.append(probs.gather(1, predicted[rows, None])[:, 0])
+        done += len(chunk)
+    return torch.cat(out).view(-1, b) if out else torch.empty(0, b, dtype=torch.float64, device=predicted.device)
+
+
+def _check(
+    images: Tensor,
+    attention: Tensor,
+    maps: dict[str, Tensor],
+    grid: tuple[int, int],
+    ids: Tensor,
+    mode: str,
+    kept_maps: Sequence[str],
+    steps: int,
+    baseline: str,
+    max_images: int,
+    clean_logits: Tensor | None,
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+    require_positive_int(steps, "steps")
+    require_positive_int(max_images, "max_images_per_forward")
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError("images must be a floating-point [B, C, H, W] tensor")
+    b, _, height, width = images.shape
+    if b == 0:
+        raise ValueError("images: the batch is empty")
+    if attention.dim() != 2 or attention.shape[0] != b:
+        raise ValueError(f"attention must be [B, T] with B={b} images, got {tuple(attention.shape)}")
+    t = attention.shape[1]
+    if not (isinstance(grid, Sequence) and len(grid) == 2 and all(isinstance(n, int) and n >= 1 for n in grid)):
+        raise ValueError(f"grid must be the token grid (h, w), got {grid!r}")
+    h, w = grid
+    if h * w != t:
+        raise ValueError(f"grid={tuple(grid)} does not hold the attention's T={t} tokens")
+    if height % h or width % w:
+        raise ValueError(f"grid={tuple(grid)} does not tile the {height}x{width} images into whole pixel blocks")
+    for name, m in maps.items():
+        if m.shape != attention.shape:
+            raise ValueError(f"maps[{name!r}] has shape {tuple(m.shape)}, the attention {tuple(attention.shape)}")
+    if isinstance(kept_maps, str):
+        raise ValueError(f"kept_maps must be a sequence of map names, got the string {kept_maps!r}")
+    for name in kept_maps:
+        if name not in KEPT_MAPS:
+            raise ValueError(f"kept_maps: {name!r} is not a thresholded map; choose among {list(KEPT_MAPS)}")
+        if name not in maps:
+            raise ValueError(f"kept_maps: {name!r} is not among the maps given ({sorted(maps)})")
+    if mode == "curves" and "posterior" not in maps:
+        raise ValueError(f"mode='curves' needs maps['posterior'] (maps given: {sorted(maps)})")
+    if ids.dim() != 1 or len(ids) != b:
+        raise ValueError(f"sample_ids: got {tuple(ids.shape)} ids for {b} images")
+    if clean_logits is not None and (clean_logits.dim() != 2 or clean_logits.shape[0] != b):
+        raise ValueError(f"clean_logits must be [B, classes] with B={b}, got {tuple(clean_logits.shape)}")
+
+
+@torch.no_grad()
+def faithfulness(
+    forward: Callable[[Tensor], Tensor],
+    images: Tensor,
+    attention: Tensor,
+    maps: dict[str, Tensor],
+    grid: tuple[int, int],
+    sample_ids: Sequence[int] | Tensor,
+    *,
+    mode: str = "kept",
+    kept_maps: Sequence[str] = ("lfdr",),
+    steps: int = 8,
+    baseline: str = "mean",
+    seed: int = 0,
+    max_images_per_forward: int = 256,
+    clean_logits: Tensor | None = None,
+) -> FaithfulnessResult:
+    """Comprehensiveness and sufficiency of the ``kept_maps`` and of their size-matched ``topk`` / ``random``
+    sets; ``mode="curves"`` adds the deletion and insertion curves of ``raw`` and ``posterior`` (module docstring).
+
+    ``forward`` maps images to logits (:func:`classifier_forward`); ``images [B, C, H, W]`` are the model's
+    inputs, ``attention`` and ``maps`` ``[B, T]`` (moved to the images' device), ``grid`` the token grid,
+    ``sample_ids`` the images' ids (they seed the random sets). ``clean_logits``: the caller's logits of
+    ``images``, saving that forward. Every forward sees at most ``max_images_per_forward`` images.
+    """
+    ids = torch.as_tensor(sample_ids, dtype=torch.int64)
+    _check(images, attention, maps, grid, ids, mode, kept_maps, steps, baseline, max_images_per_forward, clean_logits)
+    device = images.device
+    ids = ids.to(device)
+    attention = attention.to(device)
+    maps = {name: m.to(device) for name, m in maps.items()}
+    b, t = attention.shape
+    block = (images.shape[-2] // grid[0], images.shape[-1] // grid[1])
+    if clean_logits is None:
+        clean_logits = torch.cat([forward(chunk) for chunk in rechunk([images], max_images_per_forward)])
+    clean = clean_logits.to(device, torch.float64).softmax(dim=-1)
+    predicted = clean.argmax(dim=1)
+    p_clean = clean.gather(1, predicted[:, None])[:, 0]
+
+    # token masks [B, T] (True: the token keeps its pixels) are small; the images are built one set at a time
+    keeps: dict[str, Tensor] = {}
+    undefined: dict[str, Tensor] = {}
+    for name in kept_maps:
+        kept = maps[name] > 0
+        k = kept.sum(dim=1)
+        undefined[name] = (k == 0) | (k == t)
+        topk, drawn = top_tokens(attention, k), random_tokens(seed, ids, k, t)
+        for label, s in ((name, kept), (f"topk@{name}", topk), (f"random@{name}", drawn)):
+            keeps[f"{label}/removed"] = ~s
+            keeps[f"{label}/only"] = s
+    if mode == "curves":
+        keeps["baseline"] = torch.zeros_like(attention, dtype=torch.bool)
+        counts = [round(j * t / steps) for j in range(steps + 1)]
+        for name in CURVE_MAPS:
+            ranks = _descending_ranks(attention) if name == "raw" else _descending_ranks(maps[name], then=attention)
+            for j in range(1, steps):
+                keeps[f"{name}/deletion@{j}"] = ranks >= counts[j]
+                keeps[f"{name}/insertion@{j}"] = ranks < counts[j]
+
+    base = baseline_images(images, baseline, block)
+    sets = (compose(images, base, keep, grid) for keep in keeps.values())
+    probs = dict(zip(keeps, _class_probability(forward, sets, predicted, max_images_per_forward), strict=True))
+
+    scores: dict[str, Tensor] = {}
+    nan = torch.full_like(p_clean, float("nan"))
+    for name in kept_maps:
+        for label in (name, f"topk@{name}", f"random@{name}"):
+            for metric, kind in (("comprehensiveness", "removed"), ("sufficiency", "only")):
+                scores[f"{label}/{metric}"] = torch.where(undefined[name], nan, p_clean - probs[f"{label}/{kind}"])
+    curves: dict[str, Tensor] = {}
+    if mode == "curves":
+        for name in CURVE_MAPS:
+            values = attention if name == "raw" else maps[name]
+            unusable = ~(torch.isfinite(attention) & torch.isfinite(values)).all(dim=1)
+            inner = [probs[f"{name}/deletion@{j}"] for j in range(1, steps)]
+            deletion = torch.stack([p_clean, *inner, probs["baseline"]], dim=1)
+            inner = [probs[f"{name}/insertion@{j}"] for j in range(1, steps)]
+            insertion = torch.stack([probs["baseline"], *inner, p_clean], dim=1)
+            for kind, curve in (("deletion", deletion), ("insertion", insertion)):
+                curves[f"{name}/{kind}"] = curve
+                scores[f"{name}/{kind}_auc"] = torch.where(unusable, nan, torch.trapezoid(curve, dx=1 / steps, dim=1))
+    return FaithfulnessResult(
+        scores=scores,
+        curves=curves,
+        undefined={name: int(u.sum()) for name, u in undefined.items()},
+        predicted=predicted,
+        p_clean=p_clean,
+    )
