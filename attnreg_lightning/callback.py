@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -29,12 +31,15 @@ from attnreg_lightning.batch import (
 )
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer, statistics_device
+from attnreg_lightning.faithfulness import classifier_forward, faithfulness
 from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, warn_unknown
+from attnreg_lightning.metrics import MeanScores
 from attnreg_lightning.pictures import PictureBook, PictureRow
 from attnreg_lightning.probes import ProbeBook
 from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.report import write_report
-from attnreg_lightning.run_metrics import RunMetrics, image_rows
+from attnreg_lightning.run_metrics import RunMetrics, image_rows, quiet_compute
+from attnreg_lightning.sanity import SANITY_KEYS, map_spearman, randomized_last_block
 
 __all__ = ["AttentionRegularizationCallback", "BatchView", "default_batch_to_images"]
 
@@ -45,9 +50,14 @@ class _Job:
 
     batch_idx: int
     ids: list[int]
-    images: Tensor | None  # None where no picture will be drawn of them (background statistics)
+    images: Tensor  # on the model's device
     masks: Tensor | None
     noise_masks: Tensor | None
+    shown: Tensor | None  # the images to draw (a host copy with background statistics), None if none will be
+
+
+SANITY_IMAGES = 16
+"""Most probe images per rank the sanity check explains again (their host copies are kept between runs)."""
 
 
 def _stage(trainer: L.Trainer) -> str:
@@ -97,7 +107,8 @@ class AttentionRegularizationCallback(Callback):
         self.config = config if config is not None else AttnRegConfig(**knobs)
         self._batch_to_images = batch_to_images or default_batch_to_images
         self.engine: AttentionRegularizer | None = None
-        self.run_metrics = RunMetrics(self.config.maps)
+        self.run_metrics = RunMetrics(self.config.maps, self.config.faithfulness, self.config.faithfulness_maps)
+        self._classify: Callable[[Tensor], Tensor] | None = None  # images -> logits, for faithfulness
         self.num_heads: int | None = None
         self.probes = ProbeBook(self.config.probe_ids)
         self.pictures = PictureBook(self.probes, self.config.maps, self.config.log_images)
@@ -117,6 +128,8 @@ class AttentionRegularizationCallback(Callback):
         self._background = False
         self._pending: deque[tuple[Future[None], _Job]] = deque()
         self._failed_images = 0  # counted on the training thread, added to the metrics once the run's jobs are done
+        self._sanity_images: dict[int, Tensor] = {}  # a few probes' images (host), for the sanity check
+        self.sanity_rows: list[dict[str, float]] = []  # the last sanity check's per-image values on this rank
 
     @property
     def prefix(self) -> str:
@@ -137,6 +150,13 @@ class AttentionRegularizationCallback(Callback):
         self._fitting = stage == "fit"
         self._precision = getattr(trainer, "precision", None)
         self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs(self._precision))
+        self._classify = None if self.config.faithfulness == "off" else classifier_forward(pl_module)
+        if self.config.faithfulness != "off" and self._classify is None:
+            rank_zero_warn(
+                f"{self.prefix}.faithfulness={self.config.faithfulness!r}: {type(vit).__name__} has no classification "
+                "head (a backbone alone), so the faithfulness metrics are not computed"
+            )
+            self.run_metrics.drop_faithfulness()
         if self.config.heads == "all" and self.run_metrics.head_scores is None:
             self.num_heads = num_heads(vit)
             if self.num_heads is None:
@@ -220,7 +240,8 @@ class AttentionRegularizationCallback(Callback):
             return
         size = view.images.shape[0]
         images = take_rows(view.images, rows, size).to(pl_module.device)
-        job = _Job(batch_idx, ids, images, take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size))
+        masks, noise = take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size)
+        job = _Job(batch_idx, ids, images, masks, noise, images if trainer.is_global_zero else None)
         try:
             check_masks(job.masks, images, "masks")
             check_masks(job.noise_masks, images, "noise masks")
@@ -236,11 +257,11 @@ class AttentionRegularizationCallback(Callback):
         """The forwards now; the statistics and everything after them (metrics, probes, pictures) in the engine's
         thread, in the order submitted, so the run's values are those of the inline path. The images go along only
         while a picture may still be drawn of them."""
-        drawn = trainer.is_global_zero and len(self.pictures.rows) < self.pictures.limit
-        carry = (job.masks, job.noise_masks, job.images if drawn else None)
+        drawn = job.shown is not None and len(self.pictures.rows) < self.pictures.limit
+        carry = (job.masks, job.noise_masks, job.shown if drawn else None)
 
-        def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, images: Tensor | None):
-            self._record(trainer, dataclasses.replace(job, images=images, masks=masks, noise_masks=noise), reg)
+        def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, shown: Tensor | None):
+            self._record(trainer, dataclasses.replace(job, masks=masks, noise_masks=noise, shown=shown), reg)
 
         self._pending.append((self.engine.submit(job.images, job.ids, then=record, carry=carry), job))
 
@@ -272,11 +293,43 @@ class AttentionRegularizationCallback(Callback):
         scores = self.run_metrics.update(reg, job.masks, job.noise_masks)
         if scores is None:
             return
+        valid_rows = valid.nonzero().flatten()
+        if self._classify is not None and reg.grid is not None:
+            scores.update(self._faithfulness(job, reg, valid_rows))
         self.run_metrics.update_stability(self.probes.follow(reg, job.ids))
-        valid_ids = [job.ids[i] for i in valid.nonzero().flatten().tolist()]
+        valid_ids = [job.ids[i] for i in valid_rows.tolist()]
         self.image_stats += image_rows(scores, valid_ids)
+        if self.config.sanity_check:
+            for i, sample_id in zip(valid_rows.tolist(), valid_ids, strict=True):
+                if sample_id in self._sanity_images or len(self._sanity_images) < SANITY_IMAGES:
+                    self._sanity_images[sample_id] = job.images[i].cpu()
         if trainer.is_global_zero:
-            self.pictures.add(job.images, reg, job.ids, scores, _stage(trainer), self.num_heads)
+            self.pictures.add(job.shown, reg, job.ids, scores, _stage(trainer), self.num_heads)
+
+    def _faithfulness(self, job: _Job, reg: RegularizedAttention, rows: Tensor) -> dict[str, Tensor]:
+        """The valid images' faithfulness scores (in ``scores``' order and device), into the run's metrics."""
+        device = job.images.device
+        index = rows.to(device)
+        amp = self.engine.autocast_dtype
+        classify = self._classify
+
+        def forward(images: Tensor) -> Tensor:
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                return classify(images)
+
+        cfg = self.config
+        needed = list(cfg.faithfulness_maps) + (["posterior"] if cfg.faithfulness == "curves" else [])
+        result = faithfulness(
+            forward,
+            job.images.index_select(0, index),
+            reg.attention.index_select(0, rows),
+            {m: reg.maps[m].index_select(0, rows) for m in needed},
+            reg.grid,
+            [job.ids[i] for i in rows.tolist()],
+            **cfg.faithfulness_kwargs(),
+        )
+        self.run_metrics.update_faithfulness(result.scores, result.undefined)
+        return {k: v.to(rows.device, torch.float64) for k, v in result.scores.items()}
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -344,10 +397,40 @@ class AttentionRegularizationCallback(Callback):
         if isinstance(self.engine, AttentionRegularizer):
             self.engine.close()
 
+    def sanity_check(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """Model randomization (:mod:`attnreg_lightning.sanity`): the last explained probes (up to
+        ``SANITY_IMAGES`` per rank) explained by the model and by a copy whose last block is re-initialized; the
+        mean Spearman correlation of their raw and lfdr maps, over all ranks (a collective: every rank calls it).
+        Per-image values of this rank in :attr:`sanity_rows`."""
+        metric = MeanScores(SANITY_KEYS)
+        self.sanity_rows = []
+        randomized = randomized_last_block(pl_module, self.config.seed) if self._sanity_images else None
+        if self._sanity_images and randomized is None:
+            rank_zero_warn(f"{self.prefix}.sanity_check: the model's last block is not known, so it is not checked")
+        if randomized is not None:
+            ids = sorted(self._sanity_images)
+            images = torch.stack([self._sanity_images[i] for i in ids]).to(pl_module.device)
+            kwargs = self.config.engine_kwargs(self._precision)
+            trained = AttentionRegularizer(pl_module, **kwargs)(images, ids)
+            rho = map_spearman(trained, AttentionRegularizer(randomized, **kwargs)(images, ids))
+            values = {SANITY_KEYS[0]: rho["raw"], SANITY_KEYS[1]: rho["lfdr"]}
+            metric.update(values)
+            self.sanity_rows = image_rows(values, ids)
+        results = quiet_compute(metric.to(statistics_device(pl_module.device)))
+        return {k: float(v) for k, v in results.items() if torch.isfinite(v)}
+
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history:
+        if not self.history:
             return
+        sanity = self.sanity_check(pl_module) if self.config.sanity_check else {}
+        if not trainer.is_global_zero:
+            return
+        if sanity:
+            logged = {f"{self.prefix}/{k}": v for k, v in sanity.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=trainer.global_step)
+            self.history[-1].update(logged)
         evolution = self.evolution_pictures()
         if evolution:
             log_evolution(trainer.loggers, evolution, trainer.global_step, self.prefix)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from attnreg_lightning.bootstrap import NORMALIZATIONS, available_methods
+from attnreg_lightning.faithfulness import BASELINES, KEPT_MAPS, MODES
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +26,7 @@ PRECISION_DTYPES = {
 }
 """The autocast dtype ``autocast_dtype="auto"`` takes from a Lightning trainer's ``precision`` (float32 otherwise)."""
 ON_ERROR = ("raise", "warn")
+FAITHFULNESS = ("off", *MODES)
 
 
 def _require(ok: bool, key: str, value, what: str) -> None:
@@ -47,8 +49,15 @@ class AttnRegConfig:
     ``patch_size`` and ``normalization`` are options of the null generator (``patch_size=None``: the model's patch size;
     ``normalization="imagenet"``, ``uniform`` only: re-normalized as the paper's code does). ``statistics``: where
     significance is computed: ``background`` (a CPU thread, while the device runs the next forwards),
-    ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU). ``name`` prefixes every
-    logged key and names the callback's checkpoint state (two callbacks in one Trainer need two names).
+    ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU or MPS).
+    ``faithfulness``: whether the model uses what the maps keep (docs/method.md): ``off``, ``kept``
+    (comprehensiveness and sufficiency of each of ``faithfulness_maps`` against top-k and random token sets of the
+    same size) or ``curves`` (also deletion and insertion AUCs of the raw and posterior maps, ``faithfulness_steps``
+    steps); a removed token's pixels become ``faithfulness_baseline`` (``mean``, ``blur`` or ``zeros``).
+    ``sanity_check``: at a fit's end, up to 16 probes per rank explained again by a copy of the model whose last block
+    is re-initialized, and the maps compared (:mod:`attnreg_lightning.sanity`).
+    ``name`` prefixes every logged key and names the callback's checkpoint state (two callbacks in one Trainer
+    need two names).
     """
 
     method: str = "normal"
@@ -74,6 +83,11 @@ class AttnRegConfig:
     probe_ids: Optional[list[int]] = None  # noqa: UP045
     heads: str = "mean"
     statistics: str = "auto"
+    faithfulness: str = "kept"
+    faithfulness_maps: list[str] = field(default_factory=lambda: ["lfdr"])
+    faithfulness_steps: int = 8
+    faithfulness_baseline: str = "mean"
+    sanity_check: bool = True
     name: str = "attnreg"
 
     def __post_init__(self) -> None:
@@ -146,6 +160,34 @@ class AttnRegConfig:
             self.statistics,
             "choose 'auto' (background on a GPU), 'background' (a CPU thread) or 'inline'",
         )
+        if isinstance(self.faithfulness_maps, str):
+            self.faithfulness_maps = [self.faithfulness_maps]
+        _require(
+            self.faithfulness in FAITHFULNESS,
+            "faithfulness",
+            self.faithfulness,
+            f"choose one of {list(FAITHFULNESS)}",
+        )
+        bad = [m for m in self.faithfulness_maps if m not in KEPT_MAPS]
+        _require(
+            bool(self.faithfulness_maps) and not bad,
+            "faithfulness_maps",
+            list(self.faithfulness_maps),
+            f"need thresholded maps among {list(KEPT_MAPS)}",
+        )
+        _require(
+            _is_int(self.faithfulness_steps) and self.faithfulness_steps >= 1,
+            "faithfulness_steps",
+            self.faithfulness_steps,
+            "need an int >= 1",
+        )
+        _require(
+            self.faithfulness_baseline in BASELINES,
+            "faithfulness_baseline",
+            self.faithfulness_baseline,
+            f"choose one of {list(BASELINES)}",
+        )
+        _require(isinstance(self.sanity_check, bool), "sanity_check", self.sanity_check, "need true or false")
         _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             "name",
@@ -173,6 +215,17 @@ class AttnRegConfig:
         if self.autocast_dtype == "auto":
             return PRECISION_DTYPES.get(str(precision))
         return AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None
+
+    def faithfulness_kwargs(self) -> dict:
+        """Keyword arguments of :func:`~attnreg_lightning.faithfulness.faithfulness` (mode ``kept``/``curves``)."""
+        return {
+            "mode": self.faithfulness,
+            "kept_maps": list(self.faithfulness_maps),
+            "steps": self.faithfulness_steps,
+            "baseline": self.faithfulness_baseline,
+            "seed": self.seed,
+            "max_images_per_forward": self.max_images_per_forward,
+        }
 
     def engine_kwargs(self, precision: str | None = None) -> dict:
         """Keyword arguments of :class:`~attnreg_lightning.engine.AttentionRegularizer` (``precision``: the

@@ -32,12 +32,28 @@ from attnreg_lightning.stats import null_pvalues
 COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error", "lfdr_fit_failed", "clamped_tokens")
 
 
-class RunMetrics:
-    """Scores, region shares, null calibration, the top-k baseline, counts, probe stability and, once
-    :meth:`follow_heads` is called, per-head scores."""
+def faithfulness_keys(mode: str, maps: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The faithfulness scores' keys and the counts of images undefined for each map (``mode`` off: none)."""
+    if mode == "off":
+        return [], []
+    scores = [f"{who}{m}/{what}" for m in maps for who in ("", "topk@", "random@") for what in FAITHFUL_KINDS]
+    if mode == "curves":
+        scores += [f"{m}/{curve}_auc" for m in ("raw", "posterior") for curve in ("deletion", "insertion")]
+    return scores, [f"{m}/faithfulness_undefined" for m in maps]
 
-    def __init__(self, maps: Sequence[str]) -> None:
+
+FAITHFUL_KINDS = ("comprehensiveness", "sufficiency")
+
+
+class RunMetrics:
+    """Scores, region shares, null calibration, the top-k baseline, counts, probe stability, faithfulness (keys
+    of :func:`faithfulness_keys`) and, once :meth:`follow_heads` is called, per-head scores."""
+
+    def __init__(self, maps: Sequence[str], faithfulness: str = "off", faithfulness_maps: Sequence[str] = ()) -> None:
         self.maps = list(maps)
+        faithful, undefined = faithfulness_keys(faithfulness, faithfulness_maps)
+        self.faithfulness = MeanScores(faithful)
+        self.undefined = Counts(undefined)
         self.scores = MeanScores(score_keys(self.maps))
         self.regions = RegionShares(self.maps)
         self.calibration = NullCalibration()
@@ -47,6 +63,10 @@ class RunMetrics:
         self.heads: int | None = None
         self.head_scores: MeanScores | None = None
 
+    def drop_faithfulness(self) -> None:
+        """No faithfulness states (a model without a classification head): none of its keys is logged."""
+        self.faithfulness, self.undefined = MeanScores([]), Counts([])
+
     def follow_heads(self, heads: int) -> None:
         # keys fixed before any batch, so every rank holds the same states
         self.heads = heads
@@ -54,7 +74,17 @@ class RunMetrics:
 
     def _all(self) -> tuple[Metric, ...]:
         heads = () if self.head_scores is None else (self.head_scores,)
-        return (self.scores, self.regions, self.calibration, self.topk, self.counts, self.stability, *heads)
+        return (
+            self.scores,
+            self.regions,
+            self.calibration,
+            self.topk,
+            self.counts,
+            self.stability,
+            self.faithfulness,
+            self.undefined,
+            *heads,
+        )
 
     def reset(self, device: torch.device | str) -> None:
         for metric in self._all():
@@ -95,6 +125,13 @@ class RunMetrics:
             self.head_scores.update(head_scores(reg, self.heads))
         return scores
 
+    def update_faithfulness(self, scores: dict[str, Tensor], undefined: dict[str, int]) -> None:
+        """Per-image faithfulness scores of valid images (NaN where undefined: left out of the means) and, per
+        map, how many images were undefined (``k = 0`` or ``k = T``)."""
+        device = self.faithfulness.total.device
+        self.faithfulness.update({k: v.to(device, torch.float64) for k, v in scores.items()})
+        self.undefined.update(**{f"{m}/faithfulness_undefined": n for m, n in undefined.items()})
+
     def update_stability(self, moved: dict[str, list[float]]) -> None:
         """The probes' stability scores against their earlier runs (the probe book compares, across runs)."""
         device = self.stability.total.device
@@ -103,8 +140,10 @@ class RunMetrics:
     def compute(self, device: torch.device | str) -> dict[str, Tensor]:
         """The run's finite results by name (a collective: every rank calls it, whatever it explained)."""
         metrics = [m.to(device) for m in self._all()]
-        scores, regions, srmsd, topk_f1, counts, stability, *heads = (_compute(m) for m in metrics)
+        results = [quiet_compute(m) for m in metrics]
+        scores, regions, srmsd, topk_f1, counts, stability, faithful, undefined, *heads = results
         values = {**scores, **regions, "null_srmsd": srmsd, "topk/roi_f1": topk_f1, **counts, **stability}
+        values.update({**faithful, **undefined})
         for per_head in heads:
             values.update(per_head)
         return {k: v for k, v in values.items() if torch.isfinite(v)}
@@ -122,7 +161,7 @@ def _token_mask(masks: Tensor | None, grid, device) -> Tensor | None:
     return None if masks is None or grid is None else token_mask(masks.to(device), grid)
 
 
-def _compute(metric: Metric):
+def quiet_compute(metric: Metric):
     """``metric.compute()``; a rank that explained nothing still takes part in the sync, without a warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")

@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--statistics", default="auto", choices=["auto", "inline", "background"])
     ap.add_argument("--model", default="default", choices=["default", "vit_small_patch8_224"])
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--faithfulness", default="off", choices=["off", "kept", "curves"], help="its extra forwards")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -108,7 +109,7 @@ def main() -> None:
             size, model = 224, ViTClassifier(args.model, num_classes=4)
         data = ShapesDataModule(train_size=64, val_size=args.num_images, batch_size=args.batch_size, image_size=size)
         knobs = {"n_bootstrap": args.n_bootstrap, "num_images": args.num_images, "log_images": args.log_images}
-        cb = TimedCallback(**knobs, statistics=args.statistics)
+        cb = TimedCallback(**knobs, statistics=args.statistics, faithfulness=args.faithfulness)
         if args.logger == "wandb":
             logger = WandbLogger(project="attnreg-bench", save_dir=tmp, offline=True)
         else:
@@ -141,7 +142,7 @@ def main() -> None:
                 "log_images": args.log_images, "validate_s": round(with_callback, 3),
                 "validate_without_callback_s": round(without, 3), "engine_s": round(engine, 3),
                 "callback_hooks_s": round(hooks, 3), "overhead_over_engine": round((hooks - engine) / engine, 4),
-                "model": args.model, "forwards_s": round(forwards, 3),
+                "model": args.model, "faithfulness": args.faithfulness, "forwards_s": round(forwards, 3),
                 "hooks_over_forwards": round(hooks / forwards, 3),
                 "cost_over_forwards": round((with_callback - without) / forwards, 3),
             }  # fmt: skip

@@ -1,0 +1,160 @@
+"""Faithfulness and the sanity check as the callback logs them: against the functional core run by hand on the same
+images, a backbone without a head refused with one warning, and the model-randomization check against scipy."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import timm
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from scipy.stats import spearmanr
+from torch import nn
+
+from attnreg_lightning import AttentionRegularizationCallback, AttentionRegularizer
+from attnreg_lightning.faithfulness import classifier_forward, faithfulness
+from attnreg_lightning.sanity import last_block, randomized_last_block
+from tests.helpers import IMAGE_SIZE, perturb, tiny_data, tiny_module
+
+
+def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw,
+    )  # fmt: skip
+
+
+def _val_batches(data) -> tuple[torch.Tensor, list[int]]:
+    data.setup("validate")
+    batches = list(data.val_dataloader())
+    return torch.cat([b[0] for b in batches]), [int(i) for b in batches for i in b[3]]
+
+
+@pytest.mark.parametrize("statistics", ["inline", "background"])
+def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_path, statistics):
+    module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
+    knobs = {"n_bootstrap": 4, "seed": 3, "maps": ["p", "lfdr"]}
+    cb = AttentionRegularizationCallback(
+        **knobs,
+        num_images=8,
+        log_images=0,
+        statistics=statistics,
+        faithfulness="curves",
+        faithfulness_maps=["p", "lfdr"],
+    )
+    (logged,) = _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+
+    images, ids = _val_batches(data)
+    reg = AttentionRegularizer(module, n_bootstrap=4, seed=3)(images, ids)
+    assert bool(reg.significance.valid.all())
+    want = faithfulness(
+        classifier_forward(module), images, reg.attention, reg.maps, reg.grid, ids, mode="curves",
+        kept_maps=["p", "lfdr"], seed=3,
+    )  # fmt: skip
+    rows = {row["id"]: row for row in cb.image_stats}
+    assert sorted(rows) == sorted(ids)
+    assert len(want.scores) == 2 * 6 + 4
+    for key, values in want.scores.items():
+        got = torch.tensor([rows[i][key] for i in ids], dtype=torch.float64)
+        torch.testing.assert_close(got, values, equal_nan=True, rtol=1e-9, atol=1e-12, msg=key)
+        finite = values[torch.isfinite(values)]
+        if finite.numel():
+            assert logged[f"attnreg/{key}"] == pytest.approx(float(finite.mean()), rel=1e-5, abs=1e-7), key
+        else:
+            assert f"attnreg/{key}" not in logged, key
+    for name, count in want.undefined.items():
+        assert logged[f"attnreg/{name}/faithfulness_undefined"] == count
+    # the perturbed model's predictions move when tokens are removed: the numbers are not trivially zero
+    assert max(abs(float(v.nan_to_num().abs().max())) for v in want.scores.values()) > 1e-4
+
+
+class Backbone(L.LightningModule):
+    """A user's module: a headless timm ViT and its own linear head (the attention model has no classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = timm.create_model(
+            "vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=0
+        )
+        self.head = nn.Linear(48, 4)
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def test_a_backbone_without_head_skips_faithfulness_with_one_warning(tmp_path):
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (logged,) = _trainer(tmp_path, [cb]).validate(Backbone(), tiny_data(val_size=8, batch_size=4), verbose=False)
+    said = [str(w.message) for w in caught if "classification head" in str(w.message)]
+    assert len(said) == 1 and "faithfulness='kept'" in said[0] and "VisionTransformer" in said[0]
+    assert logged["attnreg/explained"] == 8
+    assert not [k for k in logged if "comprehensiveness" in k or "sufficiency" in k or "undefined" in k]
+
+
+def test_the_randomized_copy_changes_the_last_block_only_reproducibly_and_leaves_the_global_rng():
+    module = perturb(tiny_module())
+    state = torch.random.get_rng_state()
+    a, b = randomized_last_block(module, seed=1), randomized_last_block(module, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    trained = dict(module.vit.named_parameters())
+    changed = {n for n, p in a.named_parameters() if not torch.equal(p, trained[n])}
+    last = len(module.vit.blocks) - 1
+    assert changed and all(n.startswith(f"blocks.{last}.") for n in changed), changed
+    assert {f"blocks.{last}.attn.qkv.weight", f"blocks.{last}.norm1.bias"} <= changed
+    assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters())
+    other = dict(randomized_last_block(module, seed=2).named_parameters())
+    drawn = [n for n in changed if "norm" not in n and n.endswith("weight")]  # norms reset to 1 and 0 whatever the seed
+    assert drawn and not any(torch.equal(dict(a.named_parameters())[n], other[n]) for n in drawn)
+    assert torch.equal(module.vit.blocks[last].attn.qkv.weight, trained[f"blocks.{last}.attn.qkv.weight"])
+
+
+def test_hugging_face_last_block_is_the_last_vit_layer():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3, attn_implementation="eager")  # fmt: skip
+    model = ViTForImageClassification(config)
+    assert last_block(model) is [m for m in model.modules() if type(m).__name__ == "ViTLayer"][-1]
+
+
+def test_fit_end_logs_the_sanity_check_against_scipy(tmp_path):
+    module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
+    cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=8, log_images=0, faithfulness="off", seed=5)
+    trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, data)
+    # the oracle: the same probes explained by the trained model and by its randomized copy, scipy's Spearman
+    images, ids = _val_batches(data)
+    trained = AttentionRegularizer(module, n_bootstrap=3, seed=5)(images, ids)
+    randomized = AttentionRegularizer(randomized_last_block(module, 5), n_bootstrap=3, seed=5)(images, ids)
+    rho = {
+        key: np.nanmean([spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy(), strict=True)])
+        for key, a, b in (
+            ("raw", trained.attention, randomized.attention),
+            ("lfdr", trained.maps["lfdr"], randomized.maps["lfdr"]),
+        )
+    }
+    with open(next(tmp_path.glob("csv/**/metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("attnreg/sanity/raw_spearman")]
+    assert len(rows) == 1
+    assert float(rows[0]["attnreg/sanity/raw_spearman"]) == pytest.approx(rho["raw"], abs=1e-9)
+    assert float(rows[0]["attnreg/sanity/lfdr_spearman"]) == pytest.approx(rho["lfdr"], abs=1e-9)
+    assert rho["raw"] < 0.95  # re-initializing the last block really moved the maps
+    assert cb.history[-1]["attnreg/sanity/raw_spearman"] == pytest.approx(rho["raw"], abs=1e-9)
+
+
+def test_an_unchanged_model_gives_sanity_correlations_of_one(tmp_path, monkeypatch):
+    # the check's other end: a "randomized" copy that is the model itself must give perfectly correlated maps
+    monkeypatch.setattr(
+        "attnreg_lightning.callback.randomized_last_block", lambda model, seed: copy.deepcopy(model.vit).eval()
+    )
+    cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=0, faithfulness="off")
+    trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
+    trainer.fit(perturb(tiny_module()), tiny_data(val_size=4, batch_size=4))
+    assert cb.history[-1]["attnreg/sanity/raw_spearman"] == pytest.approx(1.0)
