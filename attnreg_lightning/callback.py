@@ -127,6 +127,7 @@ class AttentionRegularizationCallback(Callback):
         self._logged_config = False
         self._background = False
         self._pending: deque[tuple[Future[None], _Job]] = deque()
+        self._drawing: deque[tuple[Future[None], _Job]] = deque()  # inline statistics: pictures being drawn
         self._failed_images = 0  # counted on the training thread, added to the metrics once the run's jobs are done
         self._sanity_images: dict[int, Tensor] = {}  # a few probes' images (host), for the sanity check
         self.sanity_rows: list[dict[str, float]] = []  # the last sanity check's per-image values on this rank
@@ -216,6 +217,7 @@ class AttentionRegularizationCallback(Callback):
             cfg.statistics == "auto" and pl_module.device.type in ("cuda", "mps")
         )
         self._pending.clear()
+        self._drawing.clear()
         self._failed_images = 0
         self.run_metrics.reset("cpu" if self._background else statistics_device(pl_module.device))
 
@@ -266,13 +268,19 @@ class AttentionRegularizationCallback(Callback):
         self._pending.append((self.engine.submit(job.images, job.ids, then=record, carry=carry), job))
 
     def _collect(self, wait: bool) -> None:
-        """Take the background jobs that are done (all of them with ``wait``), in the order submitted."""
-        while self._pending and (wait or self._pending[0][0].done()):
-            future, job = self._pending.popleft()
-            try:  # the statistics thread's exception is raised here, in the training process
-                future.result()
-            except Exception as err:
-                self._failed(err, job)
+        """Take the background jobs and drawings that are done (all of them with ``wait``), in the order submitted."""
+        for queue in (self._pending, self._drawing):
+            while queue and (wait or queue[0][0].done()):
+                future, job = queue.popleft()
+                try:  # the statistics thread's exception is raised here, in the training process
+                    future.result()
+                except Exception as err:
+                    if queue is self._pending:
+                        self._failed(err, job)
+                    elif self.config.on_error == "raise":
+                        raise
+                    else:  # the images are explained and counted: only their pictures are missing
+                        rank_zero_warn(f"{self.prefix}: could not draw validation batch {job.batch_idx}: {err}")
 
     def _failed(self, err: Exception, job: _Job) -> None:
         if self.config.on_error == "raise":
@@ -304,7 +312,14 @@ class AttentionRegularizationCallback(Callback):
                 if sample_id in self._sanity_images or len(self._sanity_images) < SANITY_IMAGES:
                     self._sanity_images[sample_id] = job.images[i].cpu()
         if trainer.is_global_zero:
-            self.pictures.add(job.shown, reg, job.ids, scores, _stage(trainer), self.num_heads)
+            drawn = (job.shown, reg, job.ids, scores, _stage(trainer), self.num_heads)
+            if self._background:  # already in the statistics thread
+                self.pictures.add(*drawn)
+            elif job.shown is not None and len(self.pictures.rows) < self.pictures.limit:
+                # drawing leaves the training thread all the same: the run's end waits for it
+                self._drawing.append((self.engine.later(job.images.device, self.pictures.add, *drawn), job))
+            else:
+                self.pictures.add(None, *drawn[1:])  # the z-scores still go into the run's histograms
 
     def _faithfulness(self, job: _Job, reg: RegularizedAttention, rows: Tensor) -> dict[str, Tensor]:
         """The valid images' faithfulness scores (in ``scores``' order and device), into the run's metrics."""
@@ -394,6 +409,7 @@ class AttentionRegularizationCallback(Callback):
 
     def _stop_statistics(self) -> None:
         self._pending.clear()
+        self._drawing.clear()
         if isinstance(self.engine, AttentionRegularizer):
             self.engine.close()
 

@@ -252,6 +252,11 @@ class AttentionRegularizer:
             reg = self.explain(obs, null, grid)
             return reg if then is None else then(reg, *carry)
 
+    def later(self, device: torch.device, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """``fn(*args)`` in the statistics thread, after the jobs submitted before it: host work (e.g. drawing) that
+        the caller does not wait for."""
+        return self._worker(device).submit(fn, *args)
+
     def _worker(self, device: torch.device) -> ThreadPoolExecutor:
         if self._executor is not None and self._worker_device != device:
             self.close()

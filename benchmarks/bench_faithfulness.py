@@ -1,0 +1,89 @@
+"""What faithfulness costs: the engine alone against the engine followed by faithfulness ``kept`` (default map) and
+``curves``, on the same batch, interleaved in one process, one JSON line per mode.
+
+``ratio`` is (engine + faithfulness) / engine, the factor a validation run's explanation time grows by; the target
+for ``kept`` with the default map is <= 1.6 at N = 10. ``forwards_per_image`` counts the extra full forwards.
+
+    python benchmarks/bench_faithfulness.py                          # CPU: the app's default model, 64 px
+    python benchmarks/bench_faithfulness.py --device cuda --model vit_small_patch8_224 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import timed  # noqa: E402
+
+from attnreg_lightning.engine import AttentionRegularizer  # noqa: E402
+from attnreg_lightning.faithfulness import classifier_forward, faithfulness  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="default", help="'default' (ViT-tiny, 8-px patches, 64 px) or a timm name")
+    ap.add_argument("--n-bootstrap", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.model == "default":
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=6, num_classes=4)
+    else:
+        vit = timm.create_model(args.model, num_classes=10)
+    vit = vit.to(device).eval()
+    size = vit.patch_embed.img_size
+    images = torch.randn(args.batch, 3, *size, device=device)
+    ids = list(range(args.batch))
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    engine = AttentionRegularizer(vit, n_bootstrap=args.n_bootstrap, autocast_dtype=dtype)
+    classify = classifier_forward(vit)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            return classify(x)
+
+    def run(mode: str):
+        def go() -> None:
+            reg = engine(images, ids)
+            if mode != "off":
+                with torch.no_grad():
+                    faithfulness(forward, images, reg.attention, reg.maps, reg.grid, ids, mode=mode, steps=args.steps)
+
+        return go
+
+    modes = ("off", "kept", "curves")
+    for mode in modes:  # warm-up
+        run(mode)()
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.rounds):  # interleaved: drift hits every mode alike
+        for mode in modes:
+            times[mode].append(timed(run(mode), device))
+    base = statistics.median(times["off"])
+    extra = {"off": 0, "kept": 1 + 6, "curves": 1 + 6 + 1 + 4 * (args.steps - 1)}
+    for mode in modes:
+        t = statistics.median(times[mode])
+        row = {
+            "model": args.model, "device": str(device), "dtype": args.dtype, "B": args.batch, "N": args.n_bootstrap,
+            "faithfulness": mode, "steps": args.steps, "forwards_per_image": extra[mode],
+            "engine_forwards_per_image": args.n_bootstrap + 1, "ms_per_image": round(t / args.batch * 1e3, 2),
+            "ratio": round(t / base, 3),
+        }  # fmt: skip
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
