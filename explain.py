@@ -88,8 +88,15 @@ def explain(cfg: DictConfig) -> Path:
         enable_checkpointing=False,
         limit_val_batches=-(-attnreg.num_images // batch_size) if batch_size else 1.0,
     )
-    trainer.validate(Explained(model.attention_model()), verbose=False, **data)
+    explained = Explained(model.attention_model())
+    trainer.validate(explained, verbose=False, **data)
     stats = callback.image_stats
+    sanity = callback.sanity_check(explained) if attnreg.sanity_check else {}
+    by_id = {row["id"]: row for row in callback.sanity_rows}
+    for row in stats:  # each probe's own sanity correlations beside its other statistics
+        row.update({k: v for k, v in by_id.get(row["id"], {}).items() if k != "id"})
+    if sanity:
+        callback.history[-1].update({f"{attnreg.name}/{k}": v for k, v in sanity.items()})
     if files is not None:
         for row in stats:
             row["path"] = str(files.paths[row["id"]])
@@ -98,6 +105,8 @@ def explain(cfg: DictConfig) -> Path:
     print(f"\nexplained {len(stats)} image(s) of {cfg.ckpt_path}")
     print(f"  pictures: {output_dir / attnreg.name}\n  per-image statistics: {output_dir / 'explain_stats.json'}")
     print(f"  report: {report}")
+    for key, value in sanity.items():
+        print(f"  {key}: {value:.3f} (model randomization: near 1, the maps ignore the last block's weights)")
     return report
 
 

@@ -308,9 +308,7 @@ class AttentionRegularizationCallback(Callback):
         valid_ids = [job.ids[i] for i in valid_rows.tolist()]
         self.image_stats += image_rows(scores, valid_ids)
         if self.config.sanity_check:
-            for i, sample_id in zip(valid_rows.tolist(), valid_ids, strict=True):
-                if sample_id in self._sanity_images or len(self._sanity_images) < SANITY_IMAGES:
-                    self._sanity_images[sample_id] = job.images[i].cpu()
+            self._keep_for_sanity(job, valid_rows.tolist(), valid_ids)
         if trainer.is_global_zero:
             drawn = (job.shown, reg, job.ids, scores, _stage(trainer), self.num_heads)
             if self._background:  # already in the statistics thread
@@ -320,6 +318,19 @@ class AttentionRegularizationCallback(Callback):
                 self._drawing.append((self.engine.later(job.images.device, self.pictures.add, *drawn), job))
             else:
                 self.pictures.add(None, *drawn[1:])  # the z-scores still go into the run's histograms
+
+    def _keep_for_sanity(self, job: _Job, rows: list[int], ids: list[int]) -> None:
+        """Host copies of the probes the sanity check will explain again: the first ``SANITY_IMAGES`` seen, each
+        replaced by its latest run's image."""
+        room = SANITY_IMAGES - len(self._sanity_images)
+        kept = []
+        for row, sample_id in zip(rows, ids, strict=True):
+            if sample_id in self._sanity_images or room > 0:
+                room -= sample_id not in self._sanity_images
+                kept.append((row, sample_id))
+        if kept:
+            host = job.images[torch.tensor([row for row, _ in kept], device=job.images.device)].cpu()  # one copy
+            self._sanity_images.update({sample_id: image for (_, sample_id), image in zip(kept, host, strict=True)})
 
     def _faithfulness(self, job: _Job, reg: RegularizedAttention, rows: Tensor) -> dict[str, Tensor]:
         """The valid images' faithfulness scores (in ``scores``' order and device), into the run's metrics."""

@@ -32,6 +32,13 @@ HEADLINE = {
     "stability/lfdr_iou": "IoU of the probes' lfdr-kept tokens with the previous explained run (1 = unchanged)",
     "stability/lfdr_iou_first": "the same against the first explained run: how far the maps moved in all",
     "stability/z_spearman": "Spearman correlation of the probes' z with the previous run's",
+    "lfdr/comprehensiveness": "drop of the predicted class's probability when the lfdr map's tokens are removed",
+    "topk@lfdr/comprehensiveness": "the same for the k tokens of highest raw attention (k = the lfdr map's size)",
+    "random@lfdr/comprehensiveness": "the same for k random tokens: the floor a faithful map must beat",
+    "lfdr/sufficiency": "drop of that probability when only the lfdr map's tokens are kept (lower is better)",
+    "raw/deletion_auc": "area under the probability as raw attention's top tokens are removed (lower is better)",
+    "sanity/raw_spearman": "Spearman of raw maps with a last-block-randomized model's (near 1: the map ignores it)",
+    "sanity/lfdr_spearman": "the same for the lfdr maps",
     "lfdr_fit_failed": "images whose local-FDR density fit diverged (their lfdr is 1)",
     "explained": "images explained in the run",
 }
