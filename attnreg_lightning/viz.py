@@ -95,9 +95,13 @@ def _ticks(vmin: float, vmax: float) -> list[tuple[float, str]]:
     values = [v for v in MaxNLocator(4).tick_values(vmin, vmax) if vmin - 1e-9 * (vmax - vmin) <= v <= vmax]
     step = values[1] - values[0] if len(values) > 1 else vmax - vmin
     decimals = max(0, -int(np.floor(np.log10(step))))
-    while decimals < 6 and any(abs(round(v, decimals) - v) > step * 1e-6 for v in values):  # 0.25, not 0.2
+    while decimals < 12 and any(abs(round(v, decimals) - v) > step * 1e-6 for v in values):  # 0.25, not 0.2
         decimals += 1
-    fmt = "{:.1e}" if decimals > 4 else f"{{:.{decimals}f}}"
+    if decimals <= 6:
+        fmt = f"{{:.{decimals}f}}"
+    else:  # tiny values: as many significant digits as the spacing needs
+        digits = max(1, decimals + int(np.floor(np.log10(max(abs(v) for v in values)))))
+        fmt = f"{{:.{digits}e}}"
     return [(v, fmt.format(0.0 if abs(v) < step * 1e-6 else v)) for v in values]
 
 
@@ -145,7 +149,8 @@ def _compose(rows: Sequence[Sequence[_Panel]], title: str) -> np.ndarray:
     boxes = [[_box(p.rgb, PANEL_PX) for p in row] for row in rows]
     row_height = _TITLE + PANEL_PX + _BAR_BLOCK
     widths = [sum(w for _, w in row) + _GAP * (len(row) - 1) for row in boxes]
-    width = max([*widths, int(_font(12).getlength(title)) + 2]) + 2 * _MARGIN
+    # the right margin leaves room for the last colour bar's pointed end and its last label
+    width = max([*widths, int(_font(12).getlength(title)) + 2]) + 2 * _MARGIN + _GAP
     canvas = np.full((_SUPTITLE + row_height * len(rows) + _MARGIN, width, 3), 255, np.uint8)
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)

@@ -340,9 +340,11 @@ def test_colour_bar_labels_read_as_the_values_they_mark():
     # a label rounded to too few decimals (0.25 drawn as "0.2") would misstate where the bar's colours lie
     from attnreg_lightning.viz import _ticks
 
-    for lo, hi in [(0.0, 1.0), (0.0144, 0.0168), (-2.7, 2.7), (1e-6, 3e-6), (0.0, 2.4), (3.0, 7.0)]:
+    for lo, hi in [(0.0, 1.0), (0.0144, 0.0168), (0.0148, 0.0165), (-2.7, 2.7), (1e-6, 3e-6), (1.02e-7, 1.09e-7),
+                   (0.0, 2.4), (3.0, 7.0)]:  # fmt: skip
         ticks = _ticks(lo, hi)
         assert len(ticks) >= 2, (lo, hi)
+        assert len({label for _, label in ticks}) == len(ticks), ticks  # no two ticks read alike
         step = ticks[1][0] - ticks[0][0]
         for value, label in ticks:
             assert lo - 1e-12 <= value <= hi + 1e-12
