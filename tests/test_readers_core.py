@@ -94,3 +94,38 @@ def test_an_explicit_softmax_is_caught_and_nothing_after_the_attention_runs():
     assert not after and not attention._forward_pre_hooks  # stopped at the kernel; no hook left behind
     # and outside the attention the mode is gone: the same call runs normally
     assert Explicit()(q, k, v).shape == v.shape
+
+
+def test_a_forward_of_the_same_model_in_another_thread_runs_untouched_while_a_read_is_armed():
+    # faithfulness runs full forwards of the model in the statistics thread while the training thread reads the
+    # next batch's attention: the read's hook must catch only its own thread's call of the last attention
+    import threading
+
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want_logits = vit(x)
+        want_read = cls_logits(vit.blocks[-1].attn, lambda: vit.forward_features(x), "vit")
+    other: dict = {}
+
+    def elsewhere() -> None:
+        try:
+            with torch.no_grad():
+                other["logits"] = vit(x)
+        except BaseException as err:  # noqa: BLE001 (the caught exception is what the test reports)
+            other["error"] = err
+
+    def run() -> None:  # the hook is armed now: another thread runs the whole model through it
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        vit.forward_features(x)
+
+    with torch.no_grad():
+        got = cls_logits(vit.blocks[-1].attn, run, "vit")
+    assert "error" not in other, repr(other.get("error"))
+    assert torch.equal(other["logits"], want_logits)
+    assert torch.equal(got, want_read)

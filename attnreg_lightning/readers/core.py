@@ -11,6 +11,7 @@ engine ever builds.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,9 +90,12 @@ def cls_logits(attention: nn.Module, run: Callable[[], object], what: str) -> Te
     removed whatever happens. ``what`` names the model in errors."""
     catch = _CatchCls()
     armed: list[_CatchCls] = []
+    reader = threading.get_ident()
 
     def arm(module: nn.Module, args: tuple) -> None:
-        if not armed:  # only the first call of the module (a shared module may be called again)
+        # only the first call of the module (a shared module may be called again), and only in this thread: a
+        # forward of the same model in another thread (e.g. faithfulness in the statistics thread) runs untouched
+        if not armed and threading.get_ident() == reader:
             catch.__enter__()
             armed.append(catch)
 
