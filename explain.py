@@ -91,6 +91,7 @@ def explain(cfg: DictConfig) -> Path:
     explained = Explained(model.attention_model())
     trainer.validate(explained, verbose=False, **data)
     stats = callback.image_stats
+    explained.to(trainer.strategy.root_device)  # the validation's teardown left it on the CPU
     sanity = callback.sanity_check(explained) if attnreg.sanity_check else {}
     by_id = {row["id"]: row for row in callback.sanity_rows}
     for row in stats:  # each probe's own sanity correlations beside its other statistics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -213,9 +214,8 @@ class AttentionRegularizationCallback(Callback):
         self.image_stats = []
         self.pictures.start_run()
         # background statistics land on the CPU: the metrics gather them there, and move to the device to sync
-        self._background = cfg.statistics == "background" or (
-            cfg.statistics == "auto" and pl_module.device.type in ("cuda", "mps")
-        )
+        on_gpu = pl_module.device.type == "cuda"
+        self._background = cfg.statistics == "background" or (cfg.statistics == "auto" and on_gpu)
         self._pending.clear()
         self._drawing.clear()
         self._failed_images = 0
@@ -303,7 +303,8 @@ class AttentionRegularizationCallback(Callback):
             return
         valid_rows = valid.nonzero().flatten()
         if self._classify is not None and reg.grid is not None:
-            scores.update(self._faithfulness(job, reg, valid_rows))
+            faithful = self._unless_it_fails("score the faithfulness of", job, self._faithfulness, job, reg, valid_rows)
+            scores.update(faithful)
         self.run_metrics.update_stability(self.probes.follow(reg, job.ids))
         valid_ids = [job.ids[i] for i in valid_rows.tolist()]
         self.image_stats += image_rows(scores, valid_ids)
@@ -312,12 +313,23 @@ class AttentionRegularizationCallback(Callback):
         if trainer.is_global_zero:
             drawn = (job.shown, reg, job.ids, scores, _stage(trainer), self.num_heads)
             if self._background:  # already in the statistics thread
-                self.pictures.add(*drawn)
+                self._unless_it_fails("draw", job, self.pictures.add, *drawn)
             elif job.shown is not None and len(self.pictures.rows) < self.pictures.limit:
                 # drawing leaves the training thread all the same: the run's end waits for it
                 self._drawing.append((self.engine.later(job.images.device, self.pictures.add, *drawn), job))
             else:
                 self.pictures.add(None, *drawn[1:])  # the z-scores still go into the run's histograms
+
+    def _unless_it_fails(self, what: str, job: _Job, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` for what follows an explained batch's metrics: a failure there leaves the images explained
+        and counted (only that part is missing, with a warning), or is raised with ``on_error="raise"``."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            if self.config.on_error == "raise":
+                raise
+            rank_zero_warn(f"{self.prefix}: could not {what} validation batch {job.batch_idx}: {err}")
+            return {}
 
     def _keep_for_sanity(self, job: _Job, rows: list[int], ids: list[int]) -> None:
         """Host copies of the probes the sanity check will explain again: the first ``SANITY_IMAGES`` seen, each
@@ -431,18 +443,24 @@ class AttentionRegularizationCallback(Callback):
         Per-image values of this rank in :attr:`sanity_rows`."""
         metric = MeanScores(SANITY_KEYS)
         self.sanity_rows = []
-        randomized = randomized_last_block(pl_module, self.config.seed) if self._sanity_images else None
-        if self._sanity_images and randomized is None:
-            rank_zero_warn(f"{self.prefix}.sanity_check: the model's last block is not known, so it is not checked")
-        if randomized is not None:
-            ids = sorted(self._sanity_images)
-            images = torch.stack([self._sanity_images[i] for i in ids]).to(pl_module.device)
-            kwargs = self.config.engine_kwargs(self._precision)
-            trained = AttentionRegularizer(pl_module, **kwargs)(images, ids)
-            rho = map_spearman(trained, AttentionRegularizer(randomized, **kwargs)(images, ids))
-            values = {SANITY_KEYS[0]: rho["raw"], SANITY_KEYS[1]: rho["lfdr"]}
-            metric.update(values)
-            self.sanity_rows = image_rows(values, ids)
+        try:  # whatever happens on this rank, every rank reaches the reduction below (no rank left waiting)
+            randomized = randomized_last_block(pl_module, self.config.seed) if self._sanity_images else None
+            if self._sanity_images and randomized is None:
+                rank_zero_warn(f"{self.prefix}.sanity_check: the model's last block is not known, so it is not checked")
+            if randomized is not None:
+                ids = sorted(self._sanity_images)
+                images = torch.stack([self._sanity_images[i] for i in ids]).to(pl_module.device)
+                kwargs = self.config.engine_kwargs(self._precision)
+                trained = AttentionRegularizer(pl_module, **kwargs)(images, ids)
+                rho = map_spearman(trained, AttentionRegularizer(randomized, **kwargs)(images, ids))
+                values = {SANITY_KEYS[0]: rho["raw"], SANITY_KEYS[1]: rho["lfdr"]}
+                metric.update(values)
+                self.sanity_rows = image_rows(values, ids)
+        except Exception as err:
+            if self.config.on_error == "raise":
+                raise
+            message = f"{self.prefix}.sanity_check failed on this rank, its probes are left out: {err}"
+            warnings.warn(message, stacklevel=2)
         results = quiet_compute(metric.to(statistics_device(pl_module.device)))
         return {k: float(v) for k, v in results.items() if torch.isfinite(v)}
 

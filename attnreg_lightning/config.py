@@ -49,7 +49,8 @@ class AttnRegConfig:
     ``patch_size`` and ``normalization`` are options of the null generator (``patch_size=None``: the model's patch size;
     ``normalization="imagenet"``, ``uniform`` only: re-normalized as the paper's code does). ``statistics``: where
     significance is computed: ``background`` (a CPU thread, while the device runs the next forwards),
-    ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU or MPS).
+    ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU). On MPS, which has no
+    float64, the statistics are computed on the CPU.
     ``faithfulness``: whether the model uses what the maps keep (docs/method.md): ``off``, ``kept``
     (comprehensiveness and sufficiency of each of ``faithfulness_maps`` against top-k and random token sets of the
     same size) or ``curves`` (also deletion and insertion AUCs of the raw and posterior maps, ``faithfulness_steps``

@@ -59,9 +59,18 @@ def randomized_last_block(model: nn.Module, seed: int) -> nn.Module | None:
     return vit.eval()
 
 
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's correlation; 0 when exactly one map is constant (e.g. the randomized model's lfdr map is empty
+    where the trained one keeps tokens: nothing of the trained map's order survives), NaN when both are."""
+    flat_a, flat_b = bool(a.max() == a.min()), bool(b.max() == b.min())
+    if flat_a or flat_b:
+        return float("nan") if flat_a and flat_b else 0.0
+    return spearman(a, b)
+
+
 def map_spearman(trained: RegularizedAttention, randomized: RegularizedAttention) -> dict[str, Tensor]:
-    """Per image, Spearman's correlation of the raw and of the lfdr maps (NaN for an image either model could not
-    test, or whose maps are constant)."""
+    """Per image, the :func:`rank_correlation` of the raw and of the lfdr maps (NaN for an image either model could
+    not test)."""
     valid = (trained.significance.valid & randomized.significance.valid).cpu().numpy()
     out = {}
     for name, a, b in (
@@ -69,6 +78,6 @@ def map_spearman(trained: RegularizedAttention, randomized: RegularizedAttention
         ("lfdr", trained.maps["lfdr"], randomized.maps["lfdr"]),
     ):
         x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
-        rho = [spearman(x[i], y[i]) if valid[i] else float("nan") for i in range(len(x))]
+        rho = [rank_correlation(x[i], y[i]) if valid[i] else float("nan") for i in range(len(x))]
         out[name] = torch.tensor(np.asarray(rho, dtype=np.float64))
     return out

@@ -124,13 +124,15 @@ def test_the_background_batch_hook_never_waits_for_the_device(tmp_path):
 
     module = tiny_module()
     trainer = _gpu_trainer(tmp_path, [])
-    trainer.validate(module, tiny_data(val_size=8, batch_size=4), verbose=False)  # the module on the device
+    trainer.validate(module, tiny_data(val_size=8, batch_size=4), verbose=False)
+    module.cuda()  # the strategy's teardown moved it back to the CPU
     images = torch.randn(4, 3, 48, 48, device="cuda")  # tiny_module's size
     batches = {6: images, 4: (images, torch.zeros(4, device="cuda"), torch.tensor([100, 101, 102, 103]))}
     for explained, batch in batches.items():
-        # faithfulness off: its forwards run in the statistics thread, whose syncs the global debug mode would flag
+        # faithfulness and the sanity copies off: they wait for the device in the statistics thread, which the
+        # process-wide debug mode would flag there too
         cb = AttentionRegularizationCallback(
-            n_bootstrap=3, num_images=6, log_images=2, statistics="background", faithfulness="off"
+            n_bootstrap=3, num_images=6, log_images=2, statistics="background", faithfulness="off", sanity_check=False
         )
         cb.setup(trainer, module, "validate")
         cb.on_validation_epoch_start(trainer, module)

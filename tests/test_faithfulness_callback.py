@@ -133,8 +133,13 @@ def test_fit_end_logs_the_sanity_check_against_scipy(tmp_path):
     images, ids = _val_batches(data)
     trained = AttentionRegularizer(module, n_bootstrap=3, seed=5)(images, ids)
     randomized = AttentionRegularizer(randomized_last_block(module, 5), n_bootstrap=3, seed=5)(images, ids)
+
+    def rho_of(x: np.ndarray, y: np.ndarray) -> float:  # an empty map against a structured one: 0
+        flat = (np.ptp(x) == 0) + (np.ptp(y) == 0)
+        return {0: spearmanr(x, y).statistic, 1: 0.0, 2: np.nan}[flat]
+
     rho = {
-        key: np.nanmean([spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy(), strict=True)])
+        key: np.nanmean([rho_of(x, y) for x, y in zip(a.numpy(), b.numpy(), strict=True)])
         for key, a, b in (
             ("raw", trained.attention, randomized.attention),
             ("lfdr", trained.maps["lfdr"], randomized.maps["lfdr"]),
@@ -158,3 +163,40 @@ def test_an_unchanged_model_gives_sanity_correlations_of_one(tmp_path, monkeypat
     trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
     trainer.fit(perturb(tiny_module()), tiny_data(val_size=4, batch_size=4))
     assert cb.history[-1]["attnreg/sanity/raw_spearman"] == pytest.approx(1.0)
+
+
+def test_rank_correlation_of_an_empty_map_against_a_structured_one_is_zero():
+    from attnreg_lightning.sanity import rank_correlation
+
+    x = np.array([0.1, 0.4, 0.2, 0.3])
+    assert rank_correlation(x, np.zeros(4)) == 0.0 and rank_correlation(np.zeros(4), x) == 0.0
+    assert np.isnan(rank_correlation(np.zeros(4), np.ones(4)))
+    y = np.array([0.3, 0.1, 0.2, 0.0])
+    assert rank_correlation(x, y) == pytest.approx(spearmanr(x, y).statistic)
+
+
+@pytest.mark.parametrize("statistics", ["inline", "background"])
+def test_a_faithfulness_failure_leaves_the_images_explained_and_counted_once(tmp_path, monkeypatch, statistics):
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory on purpose")
+
+    monkeypatch.setattr("attnreg_lightning.callback.faithfulness", failing)
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=1, statistics=statistics)
+    with pytest.warns(UserWarning, match="could not score the faithfulness of validation batch 0.*on purpose"):
+        (logged,) = _trainer(tmp_path, [cb]).validate(tiny_module(), tiny_data(val_size=8, batch_size=4), verbose=False)
+    assert logged["attnreg/explained"] == 8 and logged["attnreg/skipped_error"] == 0
+    assert not [k for k in logged if "comprehensiveness" in k]
+    assert len(cb._last_rows) == 1  # the rest of the batch's record went on
+
+
+def test_a_failing_sanity_check_warns_and_the_fit_ends(tmp_path, monkeypatch):
+    def failing(model, seed):
+        raise RuntimeError("no memory for a copy, on purpose")
+
+    monkeypatch.setattr("attnreg_lightning.callback.randomized_last_block", failing)
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, faithfulness="off")
+    with pytest.warns(UserWarning, match="sanity_check failed on this rank.*on purpose"):
+        _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(
+            tiny_module(), tiny_data(val_size=4, batch_size=4)
+        )
+    assert not [k for k in cb.history[-1] if "sanity" in k] and cb.history[-1]["attnreg/explained"] == 4
