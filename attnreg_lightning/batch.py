@@ -86,8 +86,8 @@ def take_rows(values: Any, rows: list[int], size: int) -> Tensor | None:
         return values
     index = torch.tensor(rows, dtype=torch.long)
     if values.device.type == "cuda":
-        index = index.pin_memory().to(values.device, non_blocking=True)
-    return values.index_select(0, index.to(values.device))
+        index = index.pin_memory()
+    return values.index_select(0, index.to(values.device, non_blocking=True))
 
 
 def sampler_padding(loader: Any) -> Callable[[int], bool] | None:

@@ -450,9 +450,8 @@ class AttentionRegularizationCallback(Callback):
             if randomized is not None:
                 ids = sorted(self._sanity_images)
                 images = torch.stack([self._sanity_images[i] for i in ids]).to(pl_module.device)
-                kwargs = self.config.engine_kwargs(self._precision)
-                trained = AttentionRegularizer(pl_module, **kwargs)(images, ids)
-                rho = map_spearman(trained, AttentionRegularizer(randomized, **kwargs)(images, ids))
+                randomized_engine = AttentionRegularizer(randomized, **self.config.engine_kwargs(self._precision))
+                rho = map_spearman(self.engine(images, ids), randomized_engine(images, ids))
                 values = {SANITY_KEYS[0]: rho["raw"], SANITY_KEYS[1]: rho["lfdr"]}
                 metric.update(values)
                 self.sanity_rows = image_rows(values, ids)

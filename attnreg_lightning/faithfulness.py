@@ -57,7 +57,18 @@ MODES = ("kept", "curves")
 BASELINES = ("mean", "blur", "zeros")
 KEPT_MAPS = ("p", "lfdr", "pi0", "q")
 CURVE_MAPS = ("raw", "posterior")
+FAITHFUL_KINDS = ("comprehensiveness", "sufficiency")
 _MASK64 = (1 << 64) - 1
+
+
+def faithfulness_keys(mode: str, maps: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The faithfulness scores' keys and the counts of images undefined for each map (``mode`` off: none)."""
+    if mode == "off":
+        return [], []
+    scores = [f"{who}{m}/{what}" for m in maps for who in ("", "topk@", "random@") for what in FAITHFUL_KINDS]
+    if mode == "curves":
+        scores += [f"{m}/{curve}_auc" for m in CURVE_MAPS for curve in ("deletion", "insertion")]
+    return scores, [f"{m}/faithfulness_undefined" for m in maps]
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from attnreg_lightning.faithfulness import faithfulness_keys
 from attnreg_lightning.metrics import (
     Counts,
     MeanScores,
@@ -30,19 +31,6 @@ from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.stats import null_pvalues
 
 COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error", "lfdr_fit_failed", "clamped_tokens")
-
-
-def faithfulness_keys(mode: str, maps: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The faithfulness scores' keys and the counts of images undefined for each map (``mode`` off: none)."""
-    if mode == "off":
-        return [], []
-    scores = [f"{who}{m}/{what}" for m in maps for who in ("", "topk@", "random@") for what in FAITHFUL_KINDS]
-    if mode == "curves":
-        scores += [f"{m}/{curve}_auc" for m in ("raw", "posterior") for curve in ("deletion", "insertion")]
-    return scores, [f"{m}/faithfulness_undefined" for m in maps]
-
-
-FAITHFUL_KINDS = ("comprehensiveness", "sufficiency")
 
 
 class RunMetrics:

@@ -109,24 +109,16 @@ def _box(rgb: np.ndarray, height: int) -> tuple[int, int]:
     return height, max(1, round(height * rgb.shape[1] / rgb.shape[0]))
 
 
-def _strip(cmap: Colormap, width: int) -> np.ndarray:
-    """A colour bar's strip: the colour map from its low end to its high end (whatever values it stands for)."""
-    return _named_strip(cmap.name, width) if cmap.name in matplotlib.colormaps else _strip_of(cmap, width)
-
-
 @functools.lru_cache(maxsize=64)
-def _named_strip(name: str, width: int) -> np.ndarray:
-    return _strip_of(matplotlib.colormaps[name], width)
+def _strip(name: str, width: int) -> np.ndarray:
+    """A colour bar's strip: the named colour map from its low end to its high end (whatever values it stands
+    for; a map's "bad" colour, the only thing :func:`_removed_cmap` changes, is not on it)."""
+    return _coloured(np.linspace(0.0, 1.0, width)[None].repeat(_BAR, 0), matplotlib.colormaps[name], 0.0, 1.0)
 
 
-def _strip_of(cmap: Colormap, width: int) -> np.ndarray:
-    return _coloured(np.linspace(0.0, 1.0, width)[None].repeat(_BAR, 0), cmap, 0.0, 1.0)
-
-
-def _draw_bar(canvas: np.ndarray, draw: ImageDraw.ImageDraw, x: int, y: int, width: int, bar) -> None:
-    cmap, vmin, vmax, extend = bar
-    strip = _strip(cmap, width)
-    canvas[y : y + _BAR, x : x + width] = strip
+def _draw_bar_marks(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, bar, strip: np.ndarray) -> None:
+    """A colour bar's frame, pointed ends and ticks around its ``strip`` at ``(x, y)``."""
+    _, vmin, vmax, extend = bar
     draw.rectangle([x - 1, y - 1, x + width, y + _BAR], outline=_FRAME)
     for side, edge, tip in (("min", x - 1, x - 1 - _ARROW), ("max", x + width, x + width + _ARROW)):
         if extend in (side, "both"):
@@ -145,41 +137,36 @@ def _draw_bar(canvas: np.ndarray, draw: ImageDraw.ImageDraw, x: int, y: int, wid
 
 def _compose(rows: Sequence[Sequence[_Panel]], title: str) -> np.ndarray:
     """Rows of panels on white: each panel titled above, framed, with its colour bar (if any) below it, and the
-    picture's title on top."""
+    picture's title on top. The pixels (panels, bar strips) go into the array first, then every line and text
+    is drawn around them, outside their boxes."""
     boxes = [[_box(p.rgb, PANEL_PX) for p in row] for row in rows]
     row_height = _TITLE + PANEL_PX + _BAR_BLOCK
     widths = [sum(w for _, w in row) + _GAP * (len(row) - 1) for row in boxes]
     # the right margin leaves room for the last colour bar's pointed end and its last label
     width = max([*widths, int(_font(12).getlength(title)) + 2]) + 2 * _MARGIN + _GAP
     canvas = np.full((_SUPTITLE + row_height * len(rows) + _MARGIN, width, 3), 255, np.uint8)
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    pasted: list[tuple[int, int, np.ndarray]] = []
-    bars = []
+    marks = []
     for r, (row, row_boxes) in enumerate(zip(rows, boxes, strict=True)):
-        x, y = _MARGIN, _SUPTITLE + r * row_height
+        x, y = _MARGIN, _SUPTITLE + r * row_height + _TITLE
         for panel, (h, w) in zip(row, row_boxes, strict=True):
-            draw.text((x + w / 2, y + _TITLE - 3), panel.title, fill=(0, 0, 0), font=_font(11), anchor="md")
             src_h, src_w = panel.rgb.shape[:2]
             # nearest upsampling: each token (or pixel) a block of whole panel pixels
-            pixels = panel.rgb[(np.arange(h) * src_h) // h][:, (np.arange(w) * src_w) // w]
-            pasted.append((x, y + _TITLE, pixels))
-            draw.rectangle([x - 1, y + _TITLE - 1, x + w, y + _TITLE + h], outline=_FRAME)
+            canvas[y : y + h, x : x + w] = panel.rgb[(np.arange(h) * src_h) // h][:, (np.arange(w) * src_w) // w]
+            strip = None
             if panel.bar is not None:
-                bars.append((x, y + _TITLE + h + _BAR_PAD, w, panel.bar))
+                strip = _strip(panel.bar[0].name, w)
+                canvas[y + h + _BAR_PAD : y + h + _BAR_PAD + _BAR, x : x + w] = strip
+            marks.append((x, y, h, w, panel, strip))
             x += w + _GAP
-    draw.text((width / 2, _SUPTITLE - 6), title, fill=(0, 0, 0), font=_font(12), anchor="md")
-    canvas = np.array(image)
-    for x, y, pixels in pasted:
-        canvas[y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    for x, y, w, bar in bars:
-        _draw_bar(canvas, draw, x, y, w, bar)  # strips into the array, their frames and ticks onto the image
-    out = np.array(image)
-    for x, y, w, _ in bars:
-        out[y : y + _BAR, x : x + w] = canvas[y : y + _BAR, x : x + w]
-    return out
+    draw.text((width / 2, _SUPTITLE - 6), title, fill=(0, 0, 0), font=_font(12), anchor="md")
+    for x, y, h, w, panel, strip in marks:
+        draw.text((x + w / 2, y - 3), panel.title, fill=(0, 0, 0), font=_font(11), anchor="md")
+        draw.rectangle([x - 1, y - 1, x + w, y + h], outline=_FRAME)
+        if strip is not None:
+            _draw_bar_marks(draw, x, y + h + _BAR_PAD, w, panel.bar, strip)
+    return np.array(image)
 
 
 def picture_row(
