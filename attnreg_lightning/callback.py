@@ -240,6 +240,8 @@ class AttentionRegularizationCallback(Callback):
         rows, ids = self._picker.pick(view, trainer.global_rank, wanted, self._padding)
         if not rows:
             return
+        if wanted is None:
+            self.probes.pick(ids)
         size = view.images.shape[0]
         images = take_rows(view.images, rows, size).to(pl_module.device)
         masks, noise = take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size)

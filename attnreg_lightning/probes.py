@@ -39,17 +39,24 @@ class ProbeBook:
 
     def __init__(self, probe_ids: list[int] | None = None) -> None:
         self.fixed = None if probe_ids is None else {int(i) for i in probe_ids}
+        self.picked: set[int] = set()  # the ids the first run picked, valid or not: each run explains (or skips) them
         self.records: dict[int, ProbeRecord] = {}
         self.pending: dict[int, dict[str, Any]] = {}
+        self.pending_picks: set[int] = set()
 
     @property
     def chosen(self) -> bool:
         """Whether the probes are known (configured, or picked at an earlier run)."""
-        return self.fixed is not None or bool(self.records)
+        return self.fixed is not None or bool(self.picked)
 
     def is_probe(self, sample_id: int) -> bool:
-        ids = self.fixed if self.fixed is not None else self.records
+        ids = self.fixed if self.fixed is not None else self.picked
         return int(sample_id) in ids
+
+    def pick(self, ids: list[int]) -> None:
+        """Note ids this rank picked while the probes are not chosen yet (a degenerate or failed image included:
+        the next runs count it again, as skipped, instead of losing it)."""
+        self.pending_picks.update(int(i) for i in ids)
 
     def stability(self, sample_id: int, keep: np.ndarray, z: np.ndarray) -> dict[str, float]:
         """The probe's stability scores against its earlier runs (empty at its first run)."""
@@ -90,12 +97,13 @@ class ProbeBook:
 
     def end_run(self) -> None:
         """Gather every rank's observations of this run and fold them into the records (all ranks alike)."""
-        gathered = [self.pending]
+        gathered = [(self.pending, self.pending_picks)]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.pending)
-        self.pending = {}
-        for part in gathered:
+            dist.all_gather_object(gathered, (self.pending, self.pending_picks))
+        self.pending, self.pending_picks = {}, set()
+        for part, picks in gathered:
+            self.picked |= picks
             for sample_id, new in sorted(part.items()):
                 record = self.records.get(sample_id)
                 if record is None:
@@ -111,7 +119,7 @@ class ProbeBook:
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python only, so checkpoints load with ``torch.load(weights_only=True)``."""
         t = torch.from_numpy
-        return {
+        records = {
             int(i): {
                 "first_keep": t(r.first_keep),
                 "last_keep": t(r.last_keep),
@@ -122,6 +130,7 @@ class ProbeBook:
             }
             for i, r in self.records.items()
         }
+        return {"picked": sorted(self.picked), "records": records}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def record(v: dict[str, Any]) -> ProbeRecord:
@@ -134,4 +143,7 @@ class ProbeBook:
                 None if v["image"] is None else v["image"].numpy(),
             )
 
-        self.records = {int(i): record(v) for i, v in state.items()}
+        # checkpoints written before ``picked`` was kept hold the records alone, keyed by id
+        records = state.get("records", {}) if "picked" in state else state
+        self.records = {int(i): record(v) for i, v in records.items()}
+        self.picked = {int(i) for i in state.get("picked", self.records)}

@@ -502,7 +502,9 @@ def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
     assert (resumed.explained_total, resumed.skipped_total) == (whole.explained_total, whole.skipped_total) == (16, 0)
     assert resumed.validation_runs == whole.validation_runs == 3
     assert len(whole.history) == 2 and resumed.history == whole.history
-    probes_whole, probes_resumed = whole.probes.state_dict(), resumed.probes.state_dict()
+    state_whole, state_resumed = whole.probes.state_dict(), resumed.probes.state_dict()
+    assert state_resumed["picked"] == state_whole["picked"] and len(state_whole["picked"]) == 8
+    probes_whole, probes_resumed = state_whole["records"], state_resumed["records"]
     assert sorted(probes_resumed) == sorted(probes_whole) and len(probes_whole) == 8
     for i, record in probes_whole.items():
         again = probes_resumed[i]
@@ -738,3 +740,35 @@ def test_each_callback_explains_one_validation_loader(tmp_path):
     beyond = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, dataloader_idx=2)
     with pytest.raises(ValueError, match=r"attnreg\.dataloader_idx=2, but this validation has 2 loader"):
         _trainer(tmp_path, [beyond], False).validate(module, data, verbose=False)
+
+
+@pytest.mark.parametrize("statistics", ["inline", "background"])
+def test_a_degenerate_probe_is_counted_at_every_run_not_only_the_first(tmp_path, statistics):
+    # the probes are the images the first run picked, valid or not: a constant image is skipped (and counted)
+    # at every run, so explained + skipped adds up to the images picked at every run
+    from tests.helpers import IMAGE_SIZE
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            x = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(i))
+            return (torch.zeros_like(x) if i in (3, 10) else x), i % 4, i
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(Images(), batch_size=4)
+
+        def val_dataloader(self):
+            return DataLoader(Images(), batch_size=4)
+
+    cb = AttentionRegularizationCallback(
+        n_bootstrap=2, num_images=12, log_images=0, statistics=statistics, faithfulness="off", sanity_check=False
+    )
+    _trainer(tmp_path, [cb], False, max_epochs=3, limit_train_batches=1).fit(tiny_module(), Data())
+    assert len(cb.history) == 3
+    for run in cb.history:
+        assert (run["attnreg/explained"], run["attnreg/skipped_degenerate"]) == (10, 2), run["stage"]
+    assert (cb.explained_total, cb.skipped_total) == (30, 6)
+    assert cb.probes.picked == set(range(12)) and sorted(cb.probes.records) == sorted(set(range(12)) - {3, 10})

@@ -136,3 +136,21 @@ def test_stability_scores_are_what_the_maps_say(tmp_path):
     assert float(last["attnreg/stability/lfdr_iou_first"]) == pytest.approx(mean_iou(2, 0), rel=1e-6)
     assert float(last["attnreg/stability/z_spearman"]) == pytest.approx(np.mean(rhos), rel=1e-6)
     assert mean_iou(2, 1) != mean_iou(2, 0)  # the maps did move, and differently since the first run
+
+
+def test_a_checkpoint_from_before_picked_ids_were_kept_still_loads_its_probes():
+    # earlier versions saved the records alone, keyed by sample id: those ids are the probes
+    from attnreg_lightning.probes import ProbeBook
+
+    book = ProbeBook()
+    book.observe(4, np.array([True, False]), np.zeros(2), (0.0, 1.0))
+    book.pick([4, 9])
+    book.end_run()
+    state = book.state_dict()
+    assert state["picked"] == [4, 9] and list(state["records"]) == [4]
+    old = ProbeBook()
+    old.load_state_dict(state["records"])
+    assert old.picked == {4} and old.chosen and old.is_probe(4) and not old.is_probe(9)
+    new = ProbeBook()
+    new.load_state_dict(state)
+    assert new.picked == {4, 9} and new.is_probe(9) and list(new.records) == [4]
