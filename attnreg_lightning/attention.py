@@ -12,6 +12,7 @@ take part in the forward the reader runs), and a LightningModule's ``attention_m
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -19,7 +20,15 @@ from attnreg_lightning.readers import attention_readers, find_reader, register_a
 from attnreg_lightning.readers import timm as timm_reader
 from attnreg_lightning.readers.core import as_pair
 
-__all__ = ["attention_readers", "cls_attention", "register_attention_reader", "resolve_vit", "token_grid"]
+__all__ = [
+    "attention_readers",
+    "classifier",
+    "cls_attention",
+    "cls_attention_and_logits",
+    "register_attention_reader",
+    "resolve_vit",
+    "token_grid",
+]
 
 HOLDER_NAMES = ("vit", "backbone", "model")
 """Attributes of a LightningModule looked at, in order, for the ViT it fine-tunes."""
@@ -104,19 +113,48 @@ def check_images(vit: nn.Module, images: Tensor) -> tuple[int, int] | None:
     return h // patch[0], w // patch[1]
 
 
+def _checked_vit(model: nn.Module, images: Tensor, heads: str) -> nn.Module:
+    if heads not in ("mean", "all"):
+        raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
+    vit = resolve_vit(model)
+    check_model(vit)
+    check_images(vit, images)
+    return vit
+
+
+def _reduce(per_head: Tensor, heads: str) -> Tensor:
+    per_head = per_head.float()
+    return per_head.mean(dim=1) if heads == "mean" else per_head
+
+
 def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tensor:
     """Last block's attention from the CLS query to each patch token, prefix tokens removed.
 
     Returns float32 ``[B, T]`` (``heads="mean"``, averaged over heads) or ``[B, H, T]`` (``heads="all"``).
     Runs under the caller's grad and autocast settings.
     """
-    if heads not in ("mean", "all"):
-        raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
+    vit = _checked_vit(model, images, heads)
+    return _reduce(find_reader(vit).read(vit, images), heads)
+
+
+def classifier(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """``images -> class logits [B, classes]`` of the ViT read in ``model`` (:func:`resolve_vit`), as its reader
+    knows it; None when the ViT has no classification head (a backbone) or its reader knows no classifier."""
     vit = resolve_vit(model)
-    check_model(vit)
-    check_images(vit, images)
-    per_head = find_reader(vit).read(vit, images).float()
-    return per_head.mean(dim=1) if heads == "mean" else per_head
+    reader = find_reader(vit)
+    if reader is None or reader.classifier is None or reader.read_classified is None:
+        return None
+    return reader.classifier(vit)
+
+
+def cls_attention_and_logits(model: nn.Module, images: Tensor, heads: str = "mean") -> tuple[Tensor, Tensor]:
+    """:func:`cls_attention` and the class logits ``[B, classes]`` of the same forward, which runs on to the head
+    (a model :func:`classifier` knows)."""
+    vit = _checked_vit(model, images, heads)
+    if classifier(vit) is None:
+        raise TypeError(f"{type(vit).__name__}: no classification head its reader knows, so no class logits")
+    per_head, logits = find_reader(vit).read_classified(vit, images)
+    return _reduce(per_head, heads), logits
 
 
 def num_heads(vit: nn.Module) -> int | None:

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from attnreg_lightning.attention import check_model, num_heads, resolve_vit
@@ -151,8 +151,8 @@ class AttentionRegularizationCallback(Callback):
         check_model(vit)
         self._fitting = stage == "fit"
         self._precision = getattr(trainer, "precision", None)
-        self.engine = AttentionRegularizer(pl_module, **self.config.engine_kwargs(self._precision))
         self._classify = None if self.config.faithfulness == "off" else classifier_forward(pl_module)
+        self.engine = self._new_engine(pl_module)
         if self.config.faithfulness != "off" and self._classify is None:
             rank_zero_warn(
                 f"{self.prefix}.faithfulness={self.config.faithfulness!r}: {type(vit).__name__} has no classification "
@@ -171,6 +171,12 @@ class AttentionRegularizationCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_hyperparams({self.prefix: dataclasses.asdict(self.config)})
             self._logged_config = True
+
+    def _new_engine(self, model: nn.Module) -> AttentionRegularizer:
+        """The engine of the knobs; when faithfulness is scored, it also gives the images' class logits from the
+        forward that reads their attention (the scores' clean forward, saved)."""
+        kwargs = self.config.engine_kwargs(self._precision)
+        return AttentionRegularizer(model, **kwargs, classify=self._classify is not None)
 
     def _refuse_monitors_of_unexplained_runs(self, trainer: L.Trainer) -> None:
         """A monitor (ModelCheckpoint, EarlyStopping, ...) of one of this callback's keys needs a value at every
@@ -366,6 +372,7 @@ class AttentionRegularizationCallback(Callback):
             {m: reg.maps[m].index_select(0, rows) for m in needed},
             reg.grid,
             [job.ids[i] for i in rows.tolist()],
+            clean_logits=None if reg.logits is None else reg.logits.index_select(0, rows),
             **cfg.faithfulness_kwargs(),
         )
         self.run_metrics.update_faithfulness(result.scores, result.undefined)
@@ -452,7 +459,7 @@ class AttentionRegularizationCallback(Callback):
             if randomized is not None:
                 ids = sorted(self._sanity_images)
                 images = torch.stack([self._sanity_images[i] for i in ids]).to(pl_module.device)
-                randomized_engine = AttentionRegularizer(randomized, **self.config.engine_kwargs(self._precision))
+                randomized_engine = self._new_engine(randomized)
                 rho = map_spearman(self.engine(images, ids), randomized_engine(images, ids))
                 values = {SANITY_KEYS[0]: rho["raw"], SANITY_KEYS[1]: rho["lfdr"]}
                 metric.update(values)
@@ -510,7 +517,7 @@ class AttentionRegularizationCallback(Callback):
             rank_zero_warn(f"{self.prefix}: resuming with the checkpoint's seed {seed} (was {self.config.seed})")
             self.config = dataclasses.replace(self.config, seed=seed)
             if self.engine is not None:
-                self.engine = AttentionRegularizer(self.engine.model, **self.config.engine_kwargs(self._precision))
+                self.engine = self._new_engine(self.engine.model)
         self.explained_total = state_dict["explained_total"]
         self.skipped_total = state_dict["skipped_total"]
         self.validation_runs = state_dict.get("validation_runs", 0)

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from attnreg_lightning.attention import (
     check_model,
+    classifier,
     cls_attention,
+    cls_attention_and_logits,
     patch_size,
     pixels_per_token,
     resolve_vit,
@@ -102,6 +104,9 @@ class AttentionRegularizer:
         compile: ``torch.compile`` the attention read-out (off by default; results unchanged).
         heads: ``"mean"`` (attention averaged over heads) or ``"all"``: also each head tested against the same
             null images' attention for that head (no extra forward passes), in the result's ``per_head``.
+        classify: also the model's class logits of the images, in the result's ``logits``: the forward that reads
+            the images' attention runs on to the classification head (the images get forwards of their own, apart
+            from their nulls); a model without a head its reader knows is refused.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class AttentionRegularizer:
         method_options: dict | None = None,
         compile: bool = False,
         heads: str = "mean",
+        classify: bool = False,
     ) -> None:
         if heads not in ("mean", "all"):
             raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
@@ -125,6 +131,10 @@ class AttentionRegularizer:
         require_positive_int(max_images_per_forward, "max_images_per_forward")
         vit = resolve_vit(model)
         check_model(vit)
+        if classify and classifier(vit) is None:
+            raise ValueError(
+                f"classify=True: {type(vit).__name__} has no classification head its reader knows, so no class logits"
+            )
         self.model = model
         self.method = method
         self.n_bootstrap = n_bootstrap
@@ -139,6 +149,7 @@ class AttentionRegularizer:
             self.method_options["patch_size"] = model_patch[0]
         _check_tiles(vit, self.method_options.get("patch_size") if method == "patch" else None)
         self.heads = heads
+        self.classify = classify
         self._pixels_per_token = pixels_per_token(vit)
         self._read = torch.compile(cls_attention) if compile else cls_attention
         self._generator: torch.Generator | None = None
@@ -156,13 +167,24 @@ class AttentionRegularizer:
             raise ValueError(f"sample_ids: got {len(ids)} ids for {images.shape[0]} images")
         return [torch.Generator(device=images.device).manual_seed(sample_seed(self.seed, i)) for i in ids]
 
+    def _autocast(self, device: torch.device) -> Any:
+        return torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
     def _attention(self, chunks: Iterable[Tensor]) -> Tensor:
         outs = []
         for chunk in chunks:
-            amp = torch.autocast(chunk.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-            with amp:
+            with self._autocast(chunk.device):
                 outs.append(self._read(self.model, chunk, self.heads))
         return torch.cat(outs)
+
+    def _attention_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        outs, logits = [], []
+        for chunk in rechunk([images], self.max_images_per_forward):
+            with self._autocast(chunk.device):
+                attention, classes = cls_attention_and_logits(self.model, chunk, self.heads)
+            outs.append(attention)
+            logits.append(classes)
+        return torch.cat(outs), torch.cat(logits)
 
     @torch.no_grad()
     def observe(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -172,26 +194,41 @@ class AttentionRegularizer:
         A constant or non-finite image has no null distribution worth the name: its observed row is NaN, which
         :func:`~attnreg_lightning.stats.significance` flags as invalid instead of crashing.
         """
+        return self._observe(images, sample_ids)[:2]
+
+    def _observe(
+        self, images: Tensor, sample_ids: Sequence[int] | Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`observe`, and the images' class logits with ``classify`` (else None)."""
         gens = self.generators(images, sample_ids)
         b, n = images.shape[0], self.n_bootstrap
         flat = images.flatten(1)
         usable = torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
         safe = torch.where(usable[:, None, None, None], images, torch.zeros_like(images)).nan_to_num()
         nulls = null_stream(safe, n, self.method, gens, **self.method_options)
+        logits = None
         with eval_mode(self.model):
-            # observed images first, then their nulls, packed into full forward passes
-            attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
-        keep = usable.view(-1, *([1] * (attention.dim() - 1)))
-        obs = torch.where(keep, attention[:b], torch.full_like(attention[:b], float("nan")))
-        return obs, attention[b:].reshape(b, n, *attention.shape[1:])
+            if self.classify:  # the observed images run on to the head: forwards of their own
+                obs, logits = self._attention_and_logits(safe)
+                null = self._attention(rechunk(nulls, self.max_images_per_forward))
+            else:  # observed images first, then their nulls, packed into full forward passes
+                attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
+                obs, null = attention[:b], attention[b:]
+        keep = usable.view(-1, *([1] * (obs.dim() - 1)))
+        obs = torch.where(keep, obs, torch.full_like(obs, float("nan")))
+        if logits is not None:
+            logits = torch.where(usable[:, None], logits, torch.full_like(logits, float("nan")))
+        return obs, null.reshape(b, n, *null.shape[1:]), logits
 
     @torch.no_grad()
     def __call__(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> RegularizedAttention:
         """Regularized attention of ``images [B, C, H, W]`` (``sample_ids`` make each image's nulls its own)."""
         grid = token_grid(self.model, images)
-        obs, null = self.observe(images, sample_ids)
+        obs, null, logits = self._observe(images, sample_ids)
         where = statistics_device(obs.device)
-        return self.explain(obs.to(where), null.to(where), grid)
+        reg = self.explain(obs.to(where), null.to(where), grid)
+        reg.logits = None if logits is None else logits.to(where)
+        return reg
 
     @torch.no_grad()
     def submit(
@@ -218,38 +255,37 @@ class AttentionRegularizer:
             results = [f.result() for f in futures]
         """
         grid = token_grid(self.model, images)
-        obs, null = self.observe(images, sample_ids)
+        obs, null, logits = self._observe(images, sample_ids)
+        tensors = [obs, null, logits, *carry]
         copied = None
         if obs.device.type == "cuda":
-            obs, null = _to_pinned_host(obs), _to_pinned_host(null)
-            carry = [None if t is None else _to_pinned_host(t) for t in carry]
+            tensors = [None if t is None else _to_pinned_host(t) for t in tensors]
             # a blocking event: the thread sleeps until the copies land instead of spinning a CPU core
             copied = torch.cuda.Event(blocking=True)
             copied.record()
         elif obs.device.type != "cpu":  # e.g. MPS: no pinned copies there, and no float64 for the statistics
-            obs, null = obs.cpu(), null.cpu()
-            carry = [None if t is None else t.cpu() for t in carry]
+            tensors = [None if t is None else t.cpu() for t in tensors]
         # the caller's inference mode goes with the job: states made under it (e.g. metrics reset in a Lightning
         # validation loop) can only be updated under it
         inference = torch.is_inference_mode_enabled()
-        job = (obs, null, grid, copied, then, carry, inference)
+        job = (tensors, grid, copied, then, inference)
         return self._worker(images.device).submit(self._explain_when_copied, *job)
 
     @torch.no_grad()  # grad mode is per thread
     def _explain_when_copied(
         self,
-        obs: Tensor,
-        null: Tensor,
+        tensors: Sequence[Tensor | None],
         grid: tuple[int, int] | None,
         copied: torch.cuda.Event | None,
         then: Callable[..., Any] | None,
-        carry: Sequence[Tensor | None],
         inference: bool,
     ) -> Any:
         if copied is not None:
             copied.synchronize()
+        obs, null, logits, *carry = tensors
         with torch.inference_mode(inference):
             reg = self.explain(obs, null, grid)
+            reg.logits = logits
             return reg if then is None else then(reg, *carry)
 
     def later(self, device: torch.device, fn: Callable[..., Any], *args: Any) -> Future[Any]:

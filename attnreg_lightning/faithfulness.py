@@ -47,11 +47,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from attnreg_lightning.attention import resolve_vit
+from attnreg_lightning.attention import classifier, resolve_vit
 from attnreg_lightning.bootstrap import rechunk, require_positive_int
 from attnreg_lightning.engine import eval_mode
-from attnreg_lightning.readers import hf as hf_reader
-from attnreg_lightning.readers import timm as timm_reader
 
 MODES = ("kept", "curves")
 BASELINES = ("mean", "blur", "zeros")
@@ -84,31 +82,16 @@ class FaithfulnessResult:
     p_clean: Tensor
 
 
-def _hf_classifier(vit: nn.Module) -> bool:
-    """A Hugging Face model with an image classification head: one of the classes transformers' auto mapping lists
-    for its model type (a CLIP vision tower, a ``ViTModel`` or a ``Dinov2Model`` are not)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(vit.config.model_type, ())
-    return type(vit).__name__ in ((names,) if isinstance(names, str) else names)
-
-
 def classifier_forward(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
     """``images -> logits [B, classes]`` of the ViT the engine reads in ``model`` (see
     :func:`~attnreg_lightning.attention.resolve_vit`), or None when it has no classification head: a timm ViT
-    built with ``num_classes=0``, a Hugging Face backbone, any model no built-in reader knows.
+    built with ``num_classes=0``, a Hugging Face backbone, any model whose reader knows no classifier.
 
     The forward runs the model in eval mode (a dropout would make ``P_c`` noisy) and restores each module's mode.
     """
     vit = resolve_vit(model)
-    if timm_reader.READER.matches(vit) and getattr(vit, "num_classes", 0) > 0:
-        run = vit
-    elif hf_reader.READER.matches(vit) and _hf_classifier(vit):
-
-        def run(images: Tensor) -> Tensor:
-            return vit(pixel_values=images, **hf_reader.size_kwargs(vit, images)).logits
-
-    else:
+    run = classifier(vit)
+    if run is None:
         return None
 
     def forward(images: Tensor) -> Tensor:

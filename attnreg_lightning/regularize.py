@@ -40,6 +40,8 @@ class RegularizedAttention:
 
     ``grid`` is the token grid ``(h, w)`` (``h * w == T``) when known, for drawing. ``per_head``, when the
     engine tested each head (``heads="all"``), holds the same for every head: ``B * H`` rows, image-major.
+    ``logits``, when the engine was asked for them (``classify=True``), are the model's class logits of the
+    images ``[B, classes]``, from the forward that read their attention (NaN rows where ``attention`` is NaN).
     """
 
     attention: Tensor
@@ -48,6 +50,7 @@ class RegularizedAttention:
     thresholds: Thresholds
     grid: tuple[int, int] | None = None
     per_head: RegularizedAttention | None = None
+    logits: Tensor | None = None
 
     @property
     def sparsity(self) -> dict[str, Tensor]:

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from attnreg_lightning import AttentionRegularizer
-from attnreg_lightning.attention import cls_attention, token_grid
+from attnreg_lightning.attention import (
+    classifier,
+    cls_attention,
+    cls_attention_and_logits,
+    resolve_vit,
+    token_grid,
+)
 from tests.zoo_models import REFUSED, ROWS, B, Row
 
 pytest.importorskip("timm")
@@ -72,6 +78,50 @@ def test_read_equals_the_reference_and_the_engine_runs(key):
     torch.testing.assert_close(reg.attention, mean, atol=1e-6, rtol=0)
     torch.testing.assert_close(reg.attention, reference.mean(1), atol=1e-5, rtol=0)
     assert reg.spatial("lfdr").shape == (B, *row.grid)
+
+
+def plain_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+    """The class logits of the model's own forward, without any reader; None for a model with no head."""
+    import transformers
+
+    vit = resolve_vit(model)
+    if isinstance(vit, transformers.PreTrainedModel):
+        return getattr(vit(pixel_values=images), "logits", None)  # a backbone's output has no logits
+    return vit(images) if vit.num_classes > 0 else None  # timm
+
+
+@pytest.mark.parametrize("key", _params(ROWS))
+def test_one_forward_reads_the_attention_and_the_class_logits(key):
+    """The forward that reads the attention can run on to the head: the same attention as the read that stops there,
+    and the logits of the model's own forward, bit for bit; the engine's ``classify`` gives them per image. A
+    backbone is refused."""
+    row = ROWS[key]
+    model, images, full = built(key)
+    with torch.no_grad():
+        want = plain_logits(model, images)
+        if want is None:
+            assert classifier(model) is None
+            with pytest.raises(TypeError, match="no classification head"):
+                cls_attention_and_logits(model, images)
+            with pytest.raises(ValueError, match="classify=True"):
+                AttentionRegularizer(model, classify=True)
+            return
+        attention, logits = cls_attention_and_logits(model, images, heads="all")
+        assert torch._C._len_torch_function_stack() == 0  # the catch is gone once the forward is over
+        assert torch.equal(attention, cls_attention(model, images, heads="all"))
+        torch.testing.assert_close(attention, patch_columns(row, full), atol=1e-5, rtol=0)
+        assert torch.equal(logits, want)
+        assert torch.equal(classifier(model)(images), want)
+
+        reg = AttentionRegularizer(model, n_bootstrap=2, classify=True)(images, sample_ids=list(range(B)))
+        torch.testing.assert_close(reg.logits, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(reg.attention, attention.mean(1), atol=1e-6, rtol=0)
+
+
+def test_some_zoo_models_have_heads_and_some_are_backbones():
+    """The test above checks both branches: neither is empty."""
+    heads = {key: classifier(built(key)[0]) is not None for key in ROWS}
+    assert 10 <= sum(heads.values()) < len(heads)
 
 
 @pytest.mark.parametrize("key", _params(ROWS, "relbias"))

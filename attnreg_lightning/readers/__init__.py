@@ -27,6 +27,8 @@ def register_attention_reader(
     check: Callable[[nn.Module], None] | None = None,
     patch_size: Callable[[nn.Module], tuple[int, int] | None] | None = None,
     num_heads: Callable[[nn.Module], int | None] | None = None,
+    classifier: Callable[[nn.Module], Callable[[Tensor], Tensor] | None] | None = None,
+    read_classified: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> AttentionReader:
     """Teach the engine a model family: ``read(model, images) -> [B, H, T]``, the last block's attention from
     the CLS query to each patch token (prefix tokens removed, rows over all tokens summing to at most one).
@@ -35,8 +37,12 @@ def register_attention_reader(
     ``model.patch_embed.patch_size`` when the model has one. Readers registered later are tried first, so a
     user's reader wins over a built-in one for the models it matches. :func:`.core.cls_logits` catches the CLS
     logits of any attention module as the model computes them.
+
+    Faithfulness needs the model's class logits: ``classifier(model)`` gives ``images -> logits [B, classes]`` (None
+    for a model without a head); ``read_classified(model, images) -> (attention, logits)`` gives both from one
+    forward (:func:`.core.cls_logits_and_output`), saving the faithfulness scores a forward of the clean images.
     """
-    reader = AttentionReader(name, matches, read, check, patch_size, num_heads)
+    reader = AttentionReader(name, matches, read, check, patch_size, num_heads, classifier, read_classified)
     _READERS.insert(0, reader)
     return reader
 

@@ -4,9 +4,9 @@ A reader does not re-implement its family's attention. It runs the model as it r
 attention module is being called, catches the first ``scaled_dot_product_attention`` that module calls (its
 query, keys, mask and scale, as the module formed them: adapters such as LoRA, wrapped or quantized Linears,
 q/k norms, rotary embeddings and relative position biases all included) or, for an attention that forms its
-weights itself, the first ``softmax`` (its logits). The model stops there: nothing after is computed. Only the
-CLS query's row is then formed, in float32 whatever the autocast, so one ``1 x N`` row per head is all the
-engine ever builds.
+weights itself, the first ``softmax`` (its logits). The model stops there: nothing after is computed; or, when
+the caller also wants what the model returns (its class logits), it runs on untouched. Only the CLS query's row
+is formed, in float32 whatever the autocast, so one ``1 x N`` row per head is all the engine ever builds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ class AttentionReader:
     """How to read one model family's CLS attention: ``matches(model)`` says whether it applies,
     ``read(model, images) -> [B, H, T]`` reads it, ``check(model)`` raises a ``TypeError`` naming what can't be
     read, ``patch_size(model) -> (h, w)`` gives the pixels one token stands for, ``num_heads(model)`` the last
-    attention's head count."""
+    attention's head count. A family with classifiers also says ``classifier(model)``: the model's
+    ``images -> class logits [B, classes]``, None for a model without a head (a backbone); and
+    ``read_classified(model, images) -> (attention, logits)``: both from one forward, equal to ``read`` and to
+    the classifier's logits."""
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -34,6 +37,8 @@ class AttentionReader:
     check: Callable[[nn.Module], None] | None = None
     patch_size: Callable[[nn.Module], tuple[int, int] | None] | None = None
     num_heads: Callable[[nn.Module], int | None] | None = None
+    classifier: Callable[[nn.Module], Callable[[Tensor], Tensor] | None] | None = None
+    read_classified: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None
 
 
 def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -66,29 +71,42 @@ def _sdpa_cls_logits(args: tuple, kwargs: dict) -> Tensor:
 
 
 class _CatchCls(TorchFunctionMode):
-    """While the last attention runs: its first attention kernel's CLS logits, then stop."""
+    """While the last attention runs: its first attention kernel's CLS logits, then stop (or, with ``finish``,
+    let every call through, that kernel's included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, finish: bool) -> None:
         super().__init__()
+        self.finish = finish
         self.logits: Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.logits = _sdpa_cls_logits(args, kwargs)
-            raise _Caught
-        if func in _SOFTMAXES and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
-            self.logits = args[0][:, :, 0, :].float()  # an attention that forms its weights itself
-            raise _Caught
+        if self.logits is None:
+            if func is F.scaled_dot_product_attention:
+                self.logits = _sdpa_cls_logits(args, kwargs)
+            elif func in _SOFTMAXES and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+                self.logits = args[0][:, :, 0, :].float()  # an attention that forms its weights itself
+            if self.logits is not None and not self.finish:
+                raise _Caught
         return func(*args, **kwargs)
 
 
-@torch.compiler.disable  # the model is stopped by an exception: run eagerly, also under torch.compile
 def cls_logits(attention: nn.Module, run: Callable[[], object], what: str) -> Tensor:
     """Float32 logits ``[B, H, N]`` of the CLS query over all ``N`` tokens in the first attention kernel that
     ``attention`` calls while ``run()`` runs the model as it runs; nothing after it is computed and the hook is
     removed whatever happens. ``what`` names the model in errors."""
-    catch = _CatchCls()
+    return _catch(attention, run, what, finish=False)[0]
+
+
+def cls_logits_and_output(attention: nn.Module, run: Callable[[], object], what: str) -> tuple[Tensor, object]:
+    """:func:`cls_logits`, but the model runs on to its end: the CLS logits and what ``run()`` returns, computed
+    as without the catch (the kernel the logits are caught in included)."""
+    return _catch(attention, run, what, finish=True)
+
+
+@torch.compiler.disable  # the model may be stopped by an exception: run eagerly, also under torch.compile
+def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: bool) -> tuple[Tensor, object]:
+    catch = _CatchCls(finish)
     armed: list[_CatchCls] = []
     reader = threading.get_ident()
 
@@ -100,8 +118,9 @@ def cls_logits(attention: nn.Module, run: Callable[[], object], what: str) -> Te
             armed.append(catch)
 
     handle = attention.register_forward_pre_hook(arm)
+    output = None
     try:
-        run()
+        output = run()
     except _Caught:
         pass
     finally:
@@ -116,7 +135,7 @@ def cls_logits(attention: nn.Module, run: Callable[[], object], what: str) -> Te
             "scaled_dot_product_attention nor a softmax (a flash-attention kernel?): run it with SDPA or eager "
             "attention to read them"
         )
-    return catch.logits
+    return catch.logits, output
 
 
 def patch_columns(logits: Tensor, patches: int, after: int = 0) -> Tensor:

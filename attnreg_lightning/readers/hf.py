@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from attnreg_lightning.readers.core import AttentionReader, as_pair, cls_logits, patch_columns
+from attnreg_lightning.readers.core import (
+    AttentionReader,
+    as_pair,
+    cls_logits,
+    cls_logits_and_output,
+    patch_columns,
+)
 
 MODEL_TYPES = (
     "vit",
@@ -112,15 +119,54 @@ def size_kwargs(model: nn.Module, images: Tensor) -> dict:
     return {"interpolate_pos_encoding": True}
 
 
-def _read(model: nn.Module, images: Tensor) -> Tensor:
-    base = tower(model)
-    run = lambda: base(pixel_values=images, **size_kwargs(base, images))  # noqa: E731
-    logits = cls_logits(_last_attention(base), run, type(model).__name__)
+def _columns(model: nn.Module, images: Tensor, logits: Tensor) -> Tensor:
     ph, pw = _patch_size(model)
-    after = getattr(base.config, "num_detection_tokens", 0)  # YOLOS: detection tokens follow the patches
+    after = getattr(tower(model).config, "num_detection_tokens", 0)  # YOLOS: detection tokens follow the patches
     return patch_columns(logits, (images.shape[-2] // ph) * (images.shape[-1] // pw), after)
 
 
+def _read(model: nn.Module, images: Tensor) -> Tensor:
+    base = tower(model)
+    run = lambda: base(pixel_values=images, **size_kwargs(base, images))  # noqa: E731
+    return _columns(model, images, cls_logits(_last_attention(base), run, type(model).__name__))
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    """One of the image classification classes transformers' auto mapping lists for the model's type (a CLIP vision
+    tower, a ``ViTModel`` or a ``Dinov2Model`` are not)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model.config.model_type, ())
+    return type(model).__name__ in ((names,) if isinstance(names, str) else names)
+
+
+def _classifier(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    if not _is_classifier(model):
+        return None
+
+    def classify(images: Tensor) -> Tensor:
+        return model(pixel_values=images, **size_kwargs(model, images)).logits
+
+    return classify
+
+
+def _read_classified(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    classify = _classifier(model)
+    if classify is None:
+        raise TypeError(f"{type(model).__name__} has no image classification head")
+    caught, logits = cls_logits_and_output(
+        _last_attention(tower(model)), lambda: classify(images), type(model).__name__
+    )
+    return _columns(model, images, caught), logits
+
+
 READER = AttentionReader(
-    "Hugging Face transformers vision Transformer", _is_hf_vision, _read, _check, _patch_size, _num_heads
+    "Hugging Face transformers vision Transformer",
+    _is_hf_vision,
+    _read,
+    _check,
+    _patch_size,
+    _num_heads,
+    _classifier,
+    _read_classified,
 )

@@ -11,11 +11,18 @@ attention in the zoo test, so an accepted model is read exactly and any other is
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import cache
 
 from torch import Tensor, nn
 
-from attnreg_lightning.readers.core import AttentionReader, as_pair, cls_logits, patch_columns
+from attnreg_lightning.readers.core import (
+    AttentionReader,
+    as_pair,
+    cls_logits,
+    cls_logits_and_output,
+    patch_columns,
+)
 
 
 @cache
@@ -81,10 +88,26 @@ def _num_heads(vit: nn.Module) -> int | None:
     return getattr(last_attention(vit), "num_heads", None)
 
 
-def _read(vit: nn.Module, images: Tensor) -> Tensor:
-    logits = cls_logits(last_attention(vit), lambda: vit.forward_features(images), type(vit).__name__)
+def _columns(vit: nn.Module, images: Tensor, logits: Tensor) -> Tensor:
     ph, pw = _patch_size(vit)
     return patch_columns(logits, (images.shape[-2] // ph) * (images.shape[-1] // pw))
+
+
+def _read(vit: nn.Module, images: Tensor) -> Tensor:
+    logits = cls_logits(last_attention(vit), lambda: vit.forward_features(images), type(vit).__name__)
+    return _columns(vit, images, logits)
+
+
+def _classifier(vit: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The model itself (``forward_features`` then ``forward_head``), unless it was built with ``num_classes=0``."""
+    return vit if getattr(vit, "num_classes", 0) > 0 else None
+
+
+def _read_classified(vit: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    if _classifier(vit) is None:
+        raise TypeError(f"{type(vit).__name__} has no classification head (num_classes=0)")
+    logits, classes = cls_logits_and_output(last_attention(vit), lambda: vit(images), type(vit).__name__)
+    return _columns(vit, images, logits), classes
 
 
 def fixed_image_size(vit: nn.Module) -> tuple[int, int] | None:
@@ -96,4 +119,6 @@ def fixed_image_size(vit: nn.Module) -> tuple[int, int] | None:
     return None if size is None else as_pair(size)
 
 
-READER = AttentionReader("timm Vision Transformer", _is_timm, _read, _check, _patch_size, _num_heads)
+READER = AttentionReader(
+    "timm Vision Transformer", _is_timm, _read, _check, _patch_size, _num_heads, _classifier, _read_classified
+)
