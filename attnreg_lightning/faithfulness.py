@@ -34,13 +34,18 @@ Definitions (per image):
   image, one forward shared by both curves of both maps. ``*_auc`` is the trapezoidal area of the ``K + 1``
   points over the fraction ``[0, 1]``. A lower deletion AUC and a higher insertion AUC mean a more faithful map.
   An image whose attention or map has a non-finite value (the engine's mark of an image it could not test) gets
-  NaN areas.
+  NaN areas (and NaN curves).
+
+Cost: each distinct perturbed image of an image is forwarded once. Two sets that hold the same tokens for an image
+(its ``topk@lfdr`` set and its ``lfdr`` set, two maps' curve steps, ...) share one forward, a set that keeps every
+token is the clean image, and an undefined value costs none. The clean forward itself is saved when the caller
+gives its logits (the engine's ``classify=True`` reads them in the forward that reads the attention).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -197,19 +202,43 @@ def compose(images: Tensor, base: Tensor, keep: Tensor, grid: tuple[int, int]) -
     return torch.where(pixels, images, base)
 
 
+def _distinct(masks: Tensor, wanted: Tensor) -> Tensor:
+    """For each set ``s`` and image ``b`` of ``masks [S, B, T]``, the first wanted set holding the same tokens for
+    that image (``s`` itself when none before it does), ``[S, B]``: the same tokens make the same image, whose
+    probability is computed once."""
+    sets = torch.arange(len(masks), device=masks.device)
+    source = sets[:, None].expand(wanted.shape).clone()
+    for s in range(1, len(masks)):
+        same = (masks[:s] == masks[s]).all(dim=-1) & wanted[:s]  # [s, B]
+        source[s] = torch.where(same.any(dim=0), same.to(torch.uint8).argmax(dim=0), s)
+    return source
+
+
 def _class_probability(
-    forward: Callable[[Tensor], Tensor], sets: Iterable[Tensor], predicted: Tensor, max_images: int
+    forward: Callable[[Tensor], Tensor],
+    images: Tensor,
+    base: Tensor,
+    grid: tuple[int, int],
+    masks: Tensor,
+    wanted: Tensor,
+    predicted: Tensor,
+    p_clean: Tensor,
+    max_images: int,
 ) -> Tensor:
-    """``P_c`` of every image of a stream of ``[B, C, H, W]`` sets, ``[n_sets, B]`` float64; the sets are cut into
-    forwards of at most ``max_images`` images, across set boundaries."""
-    b = len(predicted)
-    out, done = [], 0
-    for chunk in rechunk(sets, max_images):
-        rows = torch.arange(done, done + len(chunk), device=predicted.device) % b
-        probs = forward(chunk).to(torch.float64).softmax(dim=-1)
-        out.append(probs.gather(1, predicted[rows, None])[:, 0])
-        done += len(chunk)
-    return torch.cat(out).view(-1, b) if out else torch.empty(0, b, dtype=torch.float64, device=predicted.device)
+    """``P_c`` of each image composed with each of ``masks [S, B, T]`` where ``wanted [S, B]``, ``[S, B]`` float64
+    (NaN where not wanted). Each distinct perturbed image of an image is forwarded once, in forwards of at most
+    ``max_images`` images; a mask that keeps every token is the clean image (``p_clean``)."""
+    clean = masks.all(dim=-1)
+    source = _distinct(masks, wanted & ~clean)
+    sets = torch.arange(len(masks), device=masks.device)[:, None]
+    pairs = (wanted & ~clean & (source == sets)).nonzero()  # [P, 2]: (set, image), set-major
+    probs = torch.full(wanted.shape, float("nan"), dtype=torch.float64, device=images.device)
+    for chunk in pairs.split(max_images):
+        s, b = chunk.unbind(1)
+        logits = forward(compose(images[b], base[b], masks[s, b], grid))
+        probs[s, b] = logits.to(torch.float64).softmax(dim=-1).gather(1, predicted[b, None])[:, 0]
+    probs = torch.where(wanted, probs.gather(0, source), probs)
+    return torch.where(wanted & clean, p_clean, probs)
 
 
 def _check(
@@ -303,8 +332,9 @@ def faithfulness(
     predicted = clean.argmax(dim=1)
     p_clean = clean.gather(1, predicted[:, None])[:, 0]
 
-    # token masks [B, T] (True: the token keeps its pixels) are small; the images are built one set at a time
+    # token masks [B, T] (True: the token keeps its pixels) are small; the images are composed chunk by chunk
     keeps: dict[str, Tensor] = {}
+    wanted: dict[str, Tensor] = {}  # [B]: the images whose value is defined (an undefined one costs no forward)
     undefined: dict[str, Tensor] = {}
     for name in kept_maps:
         kept = maps[name] > 0
@@ -314,18 +344,29 @@ def faithfulness(
         for label, s in ((name, kept), (f"topk@{name}", topk), (f"random@{name}", drawn)):
             keeps[f"{label}/removed"] = ~s
             keeps[f"{label}/only"] = s
+            wanted[f"{label}/removed"] = wanted[f"{label}/only"] = ~undefined[name]
     if mode == "curves":
-        keeps["baseline"] = torch.zeros_like(attention, dtype=torch.bool)
         counts = [round(j * t / steps) for j in range(steps + 1)]
+        usable = {}
         for name in CURVE_MAPS:
+            values = attention if name == "raw" else maps[name]
+            usable[name] = (torch.isfinite(attention) & torch.isfinite(values)).all(dim=1)
             ranks = _descending_ranks(attention) if name == "raw" else _descending_ranks(maps[name], then=attention)
             for j in range(1, steps):
                 keeps[f"{name}/deletion@{j}"] = ranks >= counts[j]
                 keeps[f"{name}/insertion@{j}"] = ranks < counts[j]
+                wanted[f"{name}/deletion@{j}"] = wanted[f"{name}/insertion@{j}"] = usable[name]
+        keeps["baseline"] = torch.zeros_like(attention, dtype=torch.bool)
+        wanted["baseline"] = usable["raw"] | usable["posterior"]
 
     base = baseline_images(images, baseline, block)
-    sets = (compose(images, base, keep, grid) for keep in keeps.values())
-    probs = dict(zip(keeps, _class_probability(forward, sets, predicted, max_images_per_forward), strict=True))
+    probs: dict[str, Tensor] = {}
+    if keeps:
+        masks, needed = torch.stack(list(keeps.values())), torch.stack(list(wanted.values()))
+        values = _class_probability(
+            forward, images, base, grid, masks, needed, predicted, p_clean, max_images_per_forward
+        )
+        probs = dict(zip(keeps, values, strict=True))
 
     scores: dict[str, Tensor] = {}
     nan = torch.full_like(p_clean, float("nan"))
@@ -336,15 +377,15 @@ def faithfulness(
     curves: dict[str, Tensor] = {}
     if mode == "curves":
         for name in CURVE_MAPS:
-            values = attention if name == "raw" else maps[name]
-            unusable = ~(torch.isfinite(attention) & torch.isfinite(values)).all(dim=1)
             inner = [probs[f"{name}/deletion@{j}"] for j in range(1, steps)]
             deletion = torch.stack([p_clean, *inner, probs["baseline"]], dim=1)
             inner = [probs[f"{name}/insertion@{j}"] for j in range(1, steps)]
             insertion = torch.stack([probs["baseline"], *inner, p_clean], dim=1)
             for kind, curve in (("deletion", deletion), ("insertion", insertion)):
                 curves[f"{name}/{kind}"] = curve
-                scores[f"{name}/{kind}_auc"] = torch.where(unusable, nan, torch.trapezoid(curve, dx=1 / steps, dim=1))
+                scores[f"{name}/{kind}_auc"] = torch.where(
+                    usable[name], torch.trapezoid(curve, dx=1 / steps, dim=1), nan
+                )
     return FaithfulnessResult(
         scores=scores,
         curves=curves,

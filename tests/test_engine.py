@@ -298,3 +298,33 @@ def test_statistics_stay_on_the_device_unless_it_lacks_float64():
     assert statistics_device("mps:0") == torch.device("cpu")
     assert statistics_device("cuda:1") == torch.device("cuda", 1)
     assert statistics_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_classify_gives_the_class_logits_of_the_forward_that_reads_the_attention(vit):
+    """``classify=True``: the model's logits of each image beside the same statistics (the images' attention comes
+    from forwards of their own, apart from their nulls: equal to float rounding), NaN for an image it can't test; the
+    background path carries them too. Without it, no logits."""
+    model = perturb(copy.deepcopy(vit), 5).eval()
+    x = _images(5, seed=2)
+    x[3] = 0.25  # a constant image
+    ids = [4, 8, 15, 16, 23]
+    plain = AttentionRegularizer(model, n_bootstrap=3, max_images_per_forward=4)
+    engine = AttentionRegularizer(model, n_bootstrap=3, max_images_per_forward=4, classify=True)
+    got, want = engine(x, ids), plain(x, ids)
+    assert want.logits is None
+    with torch.no_grad():
+        logits = model(x)
+    usable = torch.tensor([True, True, True, False, True])
+    torch.testing.assert_close(got.logits[usable], logits[usable], atol=1e-5, rtol=0)
+    assert got.logits[3].isnan().all() and got.logits.shape == logits.shape
+    torch.testing.assert_close(got.attention, want.attention, atol=1e-6, rtol=0, equal_nan=True)
+    torch.testing.assert_close(got.significance.z_null, want.significance.z_null, atol=1e-4, rtol=0, equal_nan=True)
+    background = engine.submit(x, ids).result()
+    engine.close()
+    torch.testing.assert_close(background.logits, got.logits, atol=0, rtol=0, equal_nan=True)
+
+
+def test_classify_refuses_a_model_without_a_head(vit):
+    headless = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0)
+    with pytest.raises(ValueError, match="classify=True: VisionTransformer has no classification head"):
+        AttentionRegularizer(headless, classify=True)

@@ -146,6 +146,13 @@ def _oracle(model, images, attention, maps, ids, kept_maps, steps, baseline, see
         p0 = _probability(model, x, c)
         att = attention[i].tolist()
         out = {"c": c, "p_clean": p0}
+        seen = set()  # the distinct perturbed images this image's values need (the clean image aside)
+
+        def prob(image: np.ndarray, x: np.ndarray = x, seen: set = seen, c: int = c) -> float:
+            if not np.array_equal(image, x):
+                seen.add(image.tobytes())
+            return _probability(model, image, c)
+
         for name in kept_maps:
             kept = [t for t in range(T) if maps[name][i, t] > 0]
             k = len(kept)
@@ -157,22 +164,32 @@ def _oracle(model, images, attention, maps, ids, kept_maps, steps, baseline, see
             for label, s in sets.items():
                 rest = [t for t in range(T) if t not in s]
                 nan = k in (0, T)
-                out[f"{label}/comprehensiveness"] = np.nan if nan else p0 - _probability(model, _paste(x, base, s), c)
-                out[f"{label}/sufficiency"] = np.nan if nan else p0 - _probability(model, _paste(x, base, rest), c)
+                out[f"{label}/comprehensiveness"] = np.nan if nan else p0 - prob(_paste(x, base, s))
+                out[f"{label}/sufficiency"] = np.nan if nan else p0 - prob(_paste(x, base, rest))
         counts = [round(j * T / steps) for j in range(steps + 1)]
         for name in ("raw", "posterior"):
             v = att if name == "raw" else maps["posterior"][i].tolist()
             order = sorted(range(T), key=lambda t: (-v[t], -att[t], t))
-            deletion = [_probability(model, _paste(x, base, order[:m]), c) for m in counts]
-            insertion = [_probability(model, _paste(base, x, order[:m]), c) for m in counts]
+            deletion = [prob(_paste(x, base, order[:m])) for m in counts]
+            insertion = [prob(_paste(base, x, order[:m])) for m in counts]
             for kind, curve in (("deletion", deletion), ("insertion", insertion)):
                 out[f"{name}/{kind}"] = curve
                 out[f"{name}/{kind}_auc"] = sum((a + b) / 2 for a, b in zip(curve[:-1], curve[1:], strict=True)) / steps
+        out["forwards"] = len(seen)
         rows.append(out)
     return rows
 
 
 # --- the batched path against the oracle ----------------------------------------------------------------------
+
+
+class Recording:
+    def __init__(self, forward):
+        self.forward, self.sizes = forward, []
+
+    def __call__(self, images):
+        self.sizes.append(len(images))
+        return self.forward(images)
 
 
 @pytest.mark.parametrize(("baseline", "steps"), [("mean", 5), ("blur", 4), ("zeros", 1)])
@@ -182,8 +199,9 @@ def test_batched_path_equals_the_per_image_oracle(vit, baseline, steps):
     images, attention, maps = _inputs()
     images = images.double()
     kept_maps = ("lfdr", "p")
+    counted = Recording(classifier_forward(vit))
     res = faithfulness(
-        classifier_forward(vit),
+        counted,
         images,
         attention,
         maps,
@@ -196,6 +214,8 @@ def test_batched_path_equals_the_per_image_oracle(vit, baseline, steps):
         seed=3,
     )
     expected = _oracle(vit, images, attention, maps, IDS, kept_maps, steps, baseline, seed=3)
+    # the clean images, then each distinct perturbed image of an image once (none for an undefined value)
+    assert sum(counted.sizes) == len(images) + sum(row["forwards"] for row in expected)
     assert res.predicted.tolist() == [row["c"] for row in expected]
     assert len(set(res.predicted.tolist())) > 2
     np.testing.assert_allclose(res.p_clean, [row["p_clean"] for row in expected], rtol=0, atol=1e-10)
@@ -328,25 +348,20 @@ def test_tokens_the_model_ignores_have_zero_comprehensiveness():
 # --- forwards: budget, chunking, clean logits -------------------------------------------------------------------
 
 
-class Recording:
-    def __init__(self, forward):
-        self.forward, self.sizes = forward, []
-
-    def __call__(self, images):
-        self.sizes.append(len(images))
-        return self.forward(images)
-
-
 def test_chunks_give_the_same_results_and_the_forward_budget_holds(vit):
     images, attention, maps = _inputs(5, seed=1)
     kwargs = {"mode": "curves", "kept_maps": ("lfdr", "p"), "steps": 4, "baseline": "blur", "seed": 2}
     small, large = Recording(classifier_forward(vit)), Recording(classifier_forward(vit))
     a = faithfulness(small, images, attention, maps, GRID, IDS[:5], max_images_per_forward=3, **kwargs)
     b = faithfulness(large, images, attention, maps, GRID, IDS[:5], **kwargs)
-    # clean + 6 sets per kept map + one all-baseline set + 4 curves x (steps - 1) inner steps
-    sets = 1 + 6 * 2 + 1 + 4 * 3
-    assert sum(small.sizes) == sum(large.sizes) == 5 * sets
-    assert max(small.sizes) == 3 and max(large.sizes) == 5 * (sets - 1)
+    distinct = sum(
+        row["forwards"] for row in _oracle(vit, images, attention, maps, IDS[:5], ("lfdr", "p"), 4, "blur", 2)
+    )
+    # fewer than every set of every image (6 per kept map, the all-baseline one and 4 curves x 3 inner steps): the
+    # undefined images' sets and the sets equal to another are not forwarded
+    assert distinct < 5 * (6 * 2 + 1 + 4 * 3)
+    assert sum(small.sizes) == sum(large.sizes) == 5 + distinct
+    assert max(small.sizes) == 3 and large.sizes == [5, distinct]
     for key in a.scores:
         np.testing.assert_allclose(a.scores[key], b.scores[key], rtol=0, atol=1e-6, err_msg=key)
     assert a.undefined == b.undefined and torch.equal(a.predicted, b.predicted)
@@ -355,9 +370,13 @@ def test_chunks_give_the_same_results_and_the_forward_budget_holds(vit):
     with torch.no_grad():
         logits = vit(images)
     c = faithfulness(given, images, attention, maps, GRID, IDS[:5], clean_logits=logits, **kwargs)
-    assert sum(given.sizes) == 5 * (sets - 1)
+    assert given.sizes == [distinct]
     for key in a.scores:
         np.testing.assert_allclose(c.scores[key], b.scores[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def maps_rows(maps: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {name: m[rows] for name, m in maps.items()}
 
 
 def test_curves_alone_cost_one_baseline_forward_and_unusable_images_are_nan(vit):
@@ -367,7 +386,9 @@ def test_curves_alone_cost_one_baseline_forward_and_unusable_images_are_nan(vit)
     res = faithfulness(counted, images, attention, maps, GRID, IDS[:3], mode="curves", kept_maps=(), steps=3)
     assert set(res.scores) == {f"{m}/{kind}_auc" for m in ("raw", "posterior") for kind in ("deletion", "insertion")}
     assert res.undefined == {}
-    assert sum(counted.sizes) == 3 * (1 + 1 + 4 * 2)  # clean, all-baseline, 4 curves x 2 inner steps
+    # the clean images, then the usable images' distinct steps (the all-baseline image and 4 curves x 2 inner steps)
+    usable = _oracle(vit, images[1:], attention[1:], maps_rows(maps, slice(1, None)), IDS[1:3], (), 3, "mean", 0)
+    assert sum(counted.sizes) == 3 + sum(row["forwards"] for row in usable)
     for values in res.scores.values():
         assert values[0].isnan() and values[1:].isfinite().all()
     nothing = faithfulness(counted, images, attention, maps, GRID, IDS[:3], kept_maps=())

@@ -73,6 +73,27 @@ def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_
     assert max(abs(float(v.nan_to_num().abs().max())) for v in want.scores.values()) > 1e-4
 
 
+def test_the_clean_images_reach_the_head_once_for_the_engine_and_faithfulness_together(tmp_path):
+    """The engine's forward of the explained images runs on to the head and gives faithfulness their logits: each
+    clean image goes through the classifier once more than the user's own validation step sends it, not twice."""
+    module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
+    images, _ = _val_batches(data)
+    seen: list[torch.Tensor] = []
+    module.vit.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+
+    def clean_passes() -> list[int]:
+        rows = torch.cat(seen)
+        return [int((rows == image).flatten(1).all(1).sum()) for image in images]
+
+    _trainer(tmp_path, []).validate(module, data, verbose=False)
+    alone = clean_passes()
+    seen.clear()
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, faithfulness="kept")
+    (logged,) = _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+    assert logged["attnreg/explained"] == 8 and logged["attnreg/lfdr/faithfulness_undefined"] < 8
+    assert clean_passes() == [n + 1 for n in alone]
+
+
 class Backbone(L.LightningModule):
     """A user's module: a headless timm ViT and its own linear head (the attention model has no classifier)."""
 
