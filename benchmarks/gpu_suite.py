@@ -17,6 +17,8 @@ suite goes on):
 - ``callback``: a real ``trainer.validate`` on one device, the default model and ViT-S/8 at 224 px, with the
   statistics inline and in the background: validation wall time with and without the callback, the hooks'
   time and the added wall time against the engine's forwards alone (see ``bench_callback.py``);
+- ``faithfulness``: the engine alone against the engine and faithfulness ``kept`` / ``curves``, ViT-S/8 in bf16,
+  224 px, B = 32, N = 10 (see ``bench_faithfulness.py``);
 - ``app``: ``train.py trainer=gpu`` and a one-device DDP run (nccl) with small limits: exit code and time.
 """
 
@@ -169,6 +171,16 @@ def section_callback(device: torch.device, quick: bool) -> None:
                     emit("callback", **json.loads(line))
 
 
+def section_faithfulness(device: torch.device, quick: bool) -> None:
+    """Goal: faithfulness ``kept`` with the default map at most 1.6x the engine's time at N = 10 (ViT-S/8, bf16)."""
+    cmd = [sys.executable, "benchmarks/bench_faithfulness.py", "--device", str(device)]
+    cmd += ["--batch", "4", "--rounds", "1"] if quick else ["--model", "vit_small_patch8_224", "--dtype", "bfloat16"]
+    out = run_command("faithfulness", "bench_faithfulness.py", cmd, 300)
+    for line in out.splitlines():
+        if line.startswith("{"):
+            emit("faithfulness", **json.loads(line))
+
+
 def section_sync_check(device: torch.device) -> None:
     """Goal: no device-to-host synchronization inside the batch hook with background statistics (the CUDA test
     runs the hook under ``torch.cuda.set_sync_debug_mode("error")``)."""
@@ -206,7 +218,7 @@ def main() -> None:
     ap.add_argument(
         "--sections",
         nargs="+",
-        default=["env", "cuda_tests", "sync_check", "engine", "stats_share", "callback", "app"],
+        default=["env", "cuda_tests", "sync_check", "engine", "stats_share", "callback", "faithfulness", "app"],
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -221,6 +233,7 @@ def main() -> None:
         "engine": lambda: section_engine(device, quick),
         "stats_share": lambda: section_stats_share(device, quick),
         "callback": lambda: section_callback(device, quick),
+        "faithfulness": lambda: section_faithfulness(device, quick),
         "app": lambda: section_app(device, quick),
     }
     for name in args.sections:
