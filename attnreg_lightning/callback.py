@@ -33,7 +33,7 @@ from attnreg_lightning.batch import (
 from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer, statistics_device
 from attnreg_lightning.faithfulness import classifier_forward, faithfulness
-from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, warn_unknown
+from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, wants_png, warn_unknown
 from attnreg_lightning.metrics import MeanScores
 from attnreg_lightning.pictures import PictureBook, PictureRow
 from attnreg_lightning.probes import ProbeBook
@@ -151,6 +151,7 @@ class AttentionRegularizationCallback(Callback):
         check_model(vit)
         self._fitting = stage == "fit"
         self._precision = getattr(trainer, "precision", None)
+        self.pictures.write_png = trainer is not None and wants_png(trainer.loggers)
         self._classify = None if self.config.faithfulness == "off" else classifier_forward(pl_module)
         self.engine = self._new_engine(pl_module)
         if self.config.faithfulness != "off" and self._classify is None:
@@ -405,15 +406,18 @@ class AttentionRegularizationCallback(Callback):
         pictured = self.pictures.end_run()  # rank 0 only draws
         if pictured is not None:
             stage = _stage(trainer)
-            unknown = log_pictures(
-                trainer.loggers,
-                pictured.rows,
-                pictured.z_observed,
-                pictured.z_null,
-                trainer.global_step,
-                stage,
-                self.prefix,
-            )
+            try:
+                unknown = log_pictures(
+                    trainer.loggers,
+                    pictured.rows,
+                    pictured.z_observed,
+                    pictured.z_null,
+                    trainer.global_step,
+                    stage,
+                    self.prefix,
+                )
+            finally:
+                pictured.close()  # the loggers have copied the PNG files they take
             if unknown and not self._warned_loggers:
                 warn_unknown(unknown)
                 self._warned_loggers = True

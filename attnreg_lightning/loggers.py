@@ -6,6 +6,7 @@ does not (images, per-image tables, histograms). Called on rank 0 only.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,11 @@ def log_pictures(
     return skipped
 
 
+def wants_png(loggers: list[Logger]) -> bool:
+    """Whether a logger takes the pictures as PNG files (W&B, CSV): then they are encoded where they are drawn."""
+    return any(isinstance(logger, (WandbLogger, CSVLogger)) for logger in loggers)
+
+
 def warn_unknown(names: list[str]) -> None:
     rank_zero_warn(f"attnreg: logger(s) {sorted(set(names))} take scalars only; pictures are not logged to them")
 
@@ -81,11 +87,14 @@ def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix
     # The table holds numbers only: images in it would be encoded and stored a second time.
     columns = ["stage", *rows[0].stats] if rows else ["stage"]
     table = wandb.Table(columns=columns, data=[[stage, *r.stats.values()] for r in rows])
-    images = [wandb.Image(r.image, caption=r.caption) for r in rows]
-    # the thresholded maps as toggleable overlays on the input (W&B's mask viewer); continuous maps above
+    images = [wandb.Image(_file_or_array(r, "image"), caption=r.caption) for r in rows]
+    # the thresholded maps as toggleable overlays on the input (W&B's mask viewer); continuous maps above. The mask
+    # goes as an array: given as a file, W&B would drop its class labels
     overlays = [
         wandb.Image(
-            r.input, caption=r.caption, masks={"significance": {"mask_data": r.mask, "class_labels": MASK_CLASSES}}
+            _file_or_array(r, "input"),
+            caption=r.caption,
+            masks={"significance": {"mask_data": r.mask, "class_labels": MASK_CLASSES}},
         )
         for r in rows
         if r.mask is not None
@@ -103,6 +112,12 @@ def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix
     )
 
 
+def _file_or_array(row: PictureRow, name: str) -> str | np.ndarray:
+    """The row's PNG file when it was written (W&B then takes it as it is), else its array (W&B encodes it)."""
+    path = row.files.get(name)
+    return str(path) if path is not None else getattr(row, name)
+
+
 def _to_tensorboard(logger: TensorBoardLogger, rows, z_observed, z_null, step, prefix) -> None:
     writer = logger.experiment
     for i, r in enumerate(rows):
@@ -116,4 +131,7 @@ def _to_png(folder: Path, rows, name: str) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(rows):
-        Image.fromarray(r.image).save(folder / f"{name}_image{i}.png")
+        if "image" in r.files:
+            shutil.copyfile(r.files["image"], folder / f"{name}_image{i}.png")
+        else:
+            Image.fromarray(r.image).save(folder / f"{name}_image{i}.png")

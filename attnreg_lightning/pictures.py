@@ -1,13 +1,17 @@
 """What an explained run draws: a picture row per pictured image, the z-scores behind the histograms, and
-each pictured probe's maps by run for the evolution pictures. Arrays only; loggers.py sends them."""
+each pictured probe's maps by run for the evolution pictures. Arrays, and their PNG files for the loggers that take
+files (encoded where they are drawn: off the training thread); loggers.py sends them."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from attnreg_lightning.probes import ProbeBook
@@ -24,30 +28,53 @@ class PictureRow:
     stats: dict[str, float] = field(default_factory=dict)
     input: np.ndarray | None = None  # uint8 [H', W', 3], the input as drawn
     mask: np.ndarray | None = None  # uint8 [H', W'] classes of viz.MASK_CLASSES over ``input``
+    files: dict[str, Path] = field(default_factory=dict)  # PNGs of "image" and "input", while the run's are kept
 
 
 @dataclass
 class RunPictures:
-    """One run's picture rows and the z-scores of every valid image explained with them."""
+    """One run's picture rows and the z-scores of every valid image explained with them; :meth:`close` deletes the
+    rows' PNG files once the loggers have taken them."""
 
     rows: list[PictureRow]
     z_observed: Tensor
     z_null: Tensor
+    folder: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+        for row in self.rows:
+            row.files = {}
 
 
 class PictureBook:
     """The pictures of the current run (the first ``limit`` valid images) and the probes' map history.
 
-    The colour scale of a probe's attention panels is its first run's, so its pictures compare across runs.
+    The colour scale of a probe's attention panels is its first run's, so its pictures compare across runs. With
+    ``write_png``, each row's picture and input are also written as PNG files as they are drawn.
     """
 
     def __init__(self, probes: ProbeBook, maps: Sequence[str], limit: int) -> None:
         self.probes, self.maps, self.limit = probes, list(maps), limit
+        self.write_png = False
+        self._folder: tempfile.TemporaryDirectory | None = None
         self.start_run()
 
     def start_run(self) -> None:
+        if self._folder is not None:  # a run that never ended (an exception): its files are not wanted
+            self._folder.cleanup()
+            self._folder = None
         self.rows: list[PictureRow] = []
         self._z: list[tuple[Tensor, Tensor]] = []
+
+    def _png(self, name: str, image: np.ndarray) -> Path:
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="attnreg-pictures-")
+        path = Path(self._folder.name) / f"{len(self.rows)}_{name}.png"
+        Image.fromarray(image).save(path)
+        return path
 
     def add(
         self,
@@ -76,7 +103,8 @@ class PictureBook:
                 picture = stack(picture, heads_picture(images[i], reg.per_head, i, heads))
             base = display_uint8(images[i])
             stats = {"id": ids[i], **{k: float(v[j]) for k, v in scores.items()}}
-            self.rows.append(PictureRow(picture, title, stats, base, mask_classes(reg, i, base.shape[:2])))
+            files = {"image": self._png("image", picture), "input": self._png("input", base)} if self.write_png else {}
+            self.rows.append(PictureRow(picture, title, stats, base, mask_classes(reg, i, base.shape[:2]), files))
             self.probes.add_history(
                 ids[i],
                 stage,
@@ -91,7 +119,8 @@ class PictureBook:
         if self.rows:
             z_observed = torch.cat([z.flatten() for z, _ in self._z])
             z_null = torch.cat([z0.flatten() for _, z0 in self._z])
-            run = RunPictures(self.rows, z_observed, z_null)
+            run = RunPictures(self.rows, z_observed, z_null, self._folder)
+            self._folder = None
         self.start_run()
         return run
 

@@ -1,11 +1,14 @@
 """W&B for real, offline: the run's transaction log is read back from disk (no network, no account)."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import wandb
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
 from attnreg_lightning import AttentionRegularizationCallback
 from tests.helpers import tiny_data, tiny_module
@@ -31,6 +34,15 @@ def test_reader_handles_records_split_across_blocks(tmp_path, monkeypatch):
 
 def test_callback_logs_metrics_images_table_and_histograms(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    before = set(Path(tempfile.gettempdir()).glob("attnreg-pictures-*"))
+    given = []  # what each wandb.Image was made of
+    init = wandb.Image.__init__
+
+    def spy(self, data_or_path, *args, **kwargs):
+        given.append(type(data_or_path).__name__)
+        init(self, data_or_path, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Image, "__init__", spy)
     logger = WandbLogger(project="attnreg-test", save_dir=str(tmp_path), offline=True)
     cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=2)
     trainer = L.Trainer(
@@ -65,6 +77,16 @@ def test_callback_logs_metrics_images_table_and_histograms(tmp_path, monkeypatch
         assert "significance" in json.dumps(r["attnreg/significance/all_masks"])
         titles = r["attnreg/maps/captions"]
         assert all(c.startswith("id ") and "epoch " in c and "pi0" in c for c in titles)
+    # the pictures went as PNG files written off the training thread: W&B holds the very pixels drawn, and the
+    # files were deleted once taken
+    run_dir = _run_file(tmp_path).parent / "files"
+    last = picture_rows[-1]
+    for key, arrays in (("maps", [r.image for r in cb._last_rows]), ("significance", [r.input for r in cb._last_rows])):
+        logged = [np.asarray(Image.open(run_dir / name)) for name in last[f"attnreg/{key}/filenames"]]
+        assert len(logged) == len(arrays) == 2
+        assert all(np.array_equal(a, b) for a, b in zip(logged, arrays, strict=True)), key
+    assert given == ["str"] * 8 + ["ndarray"] * 2  # 2 runs x 2 rows x (maps, overlay) as files; the evolution
+    assert set(Path(tempfile.gettempdir()).glob("attnreg-pictures-*")) <= before
     (evolution,) = [r for r in rows if "attnreg/evolution/_type" in r]
     assert evolution["attnreg/evolution/count"] == 2
     # the end-of-fit report is a file of the run
