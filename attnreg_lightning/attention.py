@@ -25,6 +25,7 @@ __all__ = [
     "classifier",
     "cls_attention",
     "cls_attention_and_logits",
+    "reads_logits",
     "register_attention_reader",
     "resolve_vit",
     "token_grid",
@@ -138,21 +139,38 @@ def cls_attention(model: nn.Module, images: Tensor, heads: str = "mean") -> Tens
 
 
 def classifier(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """``images -> class logits [B, classes]`` of the ViT read in ``model`` (:func:`resolve_vit`), as its reader
-    knows it; None when the ViT has no classification head (a backbone) or its reader knows no classifier."""
+    """``images -> class logits [B, classes]`` of the ViT read in ``model`` (:func:`resolve_vit`), from the first
+    matching reader that knows its family's classifiers (a user's reader without one leaves it to the built-in
+    reader of the family); None when the ViT has no classification head (a backbone) or no reader knows one."""
+    vit = resolve_vit(model)
+    for reader in attention_readers():
+        if reader.classifier is not None and reader.matches(vit):
+            return reader.classifier(vit)
+    return None
+
+
+def reads_logits(model: nn.Module) -> bool:
+    """Whether the reader of ``model``'s attention also gives the class logits from the same forward
+    (:func:`cls_attention_and_logits`)."""
     vit = resolve_vit(model)
     reader = find_reader(vit)
-    if reader is None or reader.classifier is None or reader.read_classified is None:
-        return None
-    return reader.classifier(vit)
+    return (
+        reader is not None
+        and reader.read_classified is not None
+        and reader.classifier is not None
+        and reader.classifier(vit) is not None
+    )
 
 
 def cls_attention_and_logits(model: nn.Module, images: Tensor, heads: str = "mean") -> tuple[Tensor, Tensor]:
     """:func:`cls_attention` and the class logits ``[B, classes]`` of the same forward, which runs on to the head
-    (a model :func:`classifier` knows)."""
+    (a model :func:`reads_logits` accepts)."""
     vit = _checked_vit(model, images, heads)
-    if classifier(vit) is None:
-        raise TypeError(f"{type(vit).__name__}: no classification head its reader knows, so no class logits")
+    if not reads_logits(vit):
+        raise TypeError(
+            f"{type(vit).__name__}: its attention reader gives no class logits (no classification head, or a reader "
+            "without read_classified)"
+        )
     per_head, logits = find_reader(vit).read_classified(vit, images)
     return _reduce(per_head, heads), logits
 

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from attnreg_lightning.attention import check_model, num_heads, resolve_vit
+from attnreg_lightning.attention import check_model, num_heads, reads_logits, resolve_vit
 from attnreg_lightning.batch import (
     BatchView,
     RowPicker,
@@ -177,7 +177,7 @@ class AttentionRegularizationCallback(Callback):
         """The engine of the knobs; when faithfulness is scored, it also gives the images' class logits from the
         forward that reads their attention (the scores' clean forward, saved)."""
         kwargs = self.config.engine_kwargs(self._precision)
-        return AttentionRegularizer(model, **kwargs, classify=self._classify is not None)
+        return AttentionRegularizer(model, **kwargs, classify=self._classify is not None and reads_logits(model))
 
     def _refuse_monitors_of_unexplained_runs(self, trainer: L.Trainer) -> None:
         """A monitor (ModelCheckpoint, EarlyStopping, ...) of one of this callback's keys needs a value at every

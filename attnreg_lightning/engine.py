@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from attnreg_lightning.attention import (
     check_model,
-    classifier,
     cls_attention,
     cls_attention_and_logits,
     patch_size,
     pixels_per_token,
+    reads_logits,
     resolve_vit,
     token_grid,
 )
@@ -106,7 +106,7 @@ class AttentionRegularizer:
             null images' attention for that head (no extra forward passes), in the result's ``per_head``.
         classify: also the model's class logits of the images, in the result's ``logits``: the forward that reads
             the images' attention runs on to the classification head (the images get forwards of their own, apart
-            from their nulls); a model without a head its reader knows is refused.
+            from their nulls); a model whose reader gives no logits (see ``attention.reads_logits``) is refused.
     """
 
     def __init__(
@@ -131,9 +131,10 @@ class AttentionRegularizer:
         require_positive_int(max_images_per_forward, "max_images_per_forward")
         vit = resolve_vit(model)
         check_model(vit)
-        if classify and classifier(vit) is None:
+        if classify and not reads_logits(vit):
             raise ValueError(
-                f"classify=True: {type(vit).__name__} has no classification head its reader knows, so no class logits"
+                f"classify=True: {type(vit).__name__}'s attention reader gives no class logits (no classification "
+                "head, or a reader without read_classified)"
             )
         self.model = model
         self.method = method
@@ -189,7 +190,8 @@ class AttentionRegularizer:
     @torch.no_grad()
     def observe(self, images: Tensor, sample_ids: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The forward passes alone: observed ``[B, T]`` and null ``[B, N, T]`` attention of ``images``
-        (``heads="all"``: ``[B, H, T]`` and ``[B, N, H, T]``).
+        (``heads="all"``: ``[B, H, T]`` and ``[B, N, H, T]``); with ``classify``, the images' own forwards run on to
+        the head, as :meth:`__call__`'s do.
 
         A constant or non-finite image has no null distribution worth the name: its observed row is NaN, which
         :func:`~attnreg_lightning.stats.significance` flags as invalid instead of crashing.

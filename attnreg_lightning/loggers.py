@@ -87,12 +87,14 @@ def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix
     # The table holds numbers only: images in it would be encoded and stored a second time.
     columns = ["stage", *rows[0].stats] if rows else ["stage"]
     table = wandb.Table(columns=columns, data=[[stage, *r.stats.values()] for r in rows])
-    images = [wandb.Image(_file_or_array(r, "image"), caption=r.caption) for r in rows]
+    # a W&B run that links media to their files instead of copying them would link to files deleted once logged
+    files = any(r.files for r in rows) and not getattr(logger.experiment.settings, "allow_media_symlink", False)
+    images = [wandb.Image(_file_or_array(r, "image", files), caption=r.caption) for r in rows]
     # the thresholded maps as toggleable overlays on the input (W&B's mask viewer); continuous maps above. The mask
     # goes as an array: given as a file, W&B would drop its class labels
     overlays = [
         wandb.Image(
-            _file_or_array(r, "input"),
+            _file_or_array(r, "input", files),
             caption=r.caption,
             masks={"significance": {"mask_data": r.mask, "class_labels": MASK_CLASSES}},
         )
@@ -112,9 +114,10 @@ def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix
     )
 
 
-def _file_or_array(row: PictureRow, name: str) -> str | np.ndarray:
-    """The row's PNG file when it was written (W&B then takes it as it is), else its array (W&B encodes it)."""
-    path = row.files.get(name)
+def _file_or_array(row: PictureRow, name: str, files: bool) -> str | np.ndarray:
+    """The row's PNG file when it was written and ``files`` are taken (W&B copies it as it is), else its array (W&B
+    encodes it)."""
+    path = row.files.get(name) if files else None
     return str(path) if path is not None else getattr(row, name)
 
 

@@ -326,5 +326,5 @@ def test_classify_gives_the_class_logits_of_the_forward_that_reads_the_attention
 
 def test_classify_refuses_a_model_without_a_head(vit):
     headless = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0)
-    with pytest.raises(ValueError, match="classify=True: VisionTransformer has no classification head"):
+    with pytest.raises(ValueError, match="classify=True: VisionTransformer.s attention reader gives no class logits"):
         AttentionRegularizer(headless, classify=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import warnings
 
 import lightning as L
@@ -17,6 +18,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from attnreg_lightning import AttentionRegularizationCallback, AttentionRegularizer
+from attnreg_lightning.batch import BatchView, default_batch_to_images
 from attnreg_lightning.faithfulness import classifier_forward, faithfulness
 from attnreg_lightning.sanity import last_block, randomized_last_block
 from tests.helpers import IMAGE_SIZE, perturb, tiny_data, tiny_module
@@ -35,6 +37,18 @@ def _val_batches(data) -> tuple[torch.Tensor, list[int]]:
     return torch.cat([b[0] for b in batches]), [int(i) for b in batches for i in b[3]]
 
 
+FIFTH = 10_000_004  # the validation set's fifth id
+
+
+def spoiled(batch) -> BatchView:
+    """The batch as the callback reads it, its first image made constant (degenerate: not explained) when it is the
+    second batch's (the fifth image): the explained rows of that batch are not its first rows."""
+    view = default_batch_to_images(batch)
+    images = view.images.clone()
+    images[view.ids == FIFTH] = 0.25
+    return dataclasses.replace(view, images=images)
+
+
 @pytest.mark.parametrize("statistics", ["inline", "background"])
 def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_path, statistics):
     module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
@@ -46,10 +60,16 @@ def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_
         statistics=statistics,
         faithfulness="curves",
         faithfulness_maps=["p", "lfdr"],
+        batch_to_images=spoiled,
     )
-    (logged,) = _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+    with pytest.warns(UserWarning, match="degenerate"):
+        (logged,) = _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+    assert cb.engine.classify  # the clean logits are the engine's
 
     images, ids = _val_batches(data)
+    assert ids[4] == FIFTH
+    valid = [i for i in range(8) if i != 4]
+    images, ids = images[valid], [ids[i] for i in valid]
     reg = AttentionRegularizer(module, n_bootstrap=4, seed=3)(images, ids)
     assert bool(reg.significance.valid.all())
     want = faithfulness(
@@ -75,11 +95,12 @@ def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_
 
 def test_the_clean_images_reach_the_head_once_for_the_engine_and_faithfulness_together(tmp_path):
     """The engine's forward of the explained images runs on to the head and gives faithfulness their logits: each
-    clean image goes through the classifier once more than the user's own validation step sends it, not twice."""
+    clean image goes through the model once more than the user's own validation step sends it, not twice."""
     module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
     images, _ = _val_batches(data)
     seen: list[torch.Tensor] = []
-    module.vit.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    # every forward starts there: the engine's (read-outs and the one that runs on), faithfulness's, the step's
+    module.vit.patch_embed.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
 
     def clean_passes() -> list[int]:
         rows = torch.cat(seen)

@@ -129,3 +129,86 @@ def test_a_forward_of_the_same_model_in_another_thread_runs_untouched_while_a_re
     assert "error" not in other, repr(other.get("error"))
     assert torch.equal(other["logits"], want_logits)
     assert torch.equal(got, want_read)
+
+
+class Exponentials(nn.Module):
+    """An attention that normalizes its weights without softmax or SDPA (as a fused kernel would, unseen)."""
+
+    def forward(self, q, k, v):
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).exp()
+        return (weights / weights.sum(-1, keepdim=True)) @ v
+
+
+def test_a_kernel_after_the_attention_is_never_taken_for_it():
+    # the read that runs on to the head passes an attention-pooling kernel after the last attention: an attention
+    # the catch can't see is refused with its reason, not read from that later kernel
+    from attnreg_lightning.readers.core import cls_logits_and_output
+
+    q, k, v = _qkv()
+    attention, pool = Exponentials(), Kernel()
+
+    def model():
+        return pool(attention(q, k, v), k, v)
+
+    with pytest.raises(TypeError, match="formed its weights with neither scaled_dot_product_attention nor a softmax"):
+        cls_logits_and_output(attention, model, "test")
+    with pytest.raises(TypeError, match="formed its weights with neither"):
+        cls_logits(attention, model, "test")
+    assert torch._C._len_torch_function_stack() == 0
+    caught, out = cls_logits_and_output(pool, model, "test")  # the pooling kernel itself is caught where it runs
+    torch.testing.assert_close(caught.softmax(-1).double(), _expected(attention(q, k, v), k), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out, model())
+
+
+def _timm_classifier():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return vit
+
+
+def test_a_model_compiled_in_place_is_read_with_its_logits():
+    """``model.compile()`` makes its calls run compiled code that skips the catch's hook: the reads run the model's
+    own forward instead (nothing is compiled here), with the attention and logits of the model before compiling."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from attnreg_lightning.attention import cls_attention, cls_attention_and_logits
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                       intermediate_size=96, num_labels=3)  # fmt: skip
+    for model in (_timm_classifier(), ViTForImageClassification(config).eval()):
+        with torch.no_grad():
+            want_attention, want_logits = cls_attention_and_logits(model, x)
+            model.compile()
+            attention, logits = cls_attention_and_logits(model, x)
+            assert torch.equal(attention, want_attention) and torch.equal(logits, want_logits)
+            assert torch.equal(cls_attention(model, x), want_attention)
+
+
+def test_a_users_reader_without_a_classifier_leaves_it_to_the_built_in_one():
+    """A user's reader for timm ViTs that knows no classifier: faithfulness still scores the model's head (the timm
+    reader's classifier), and the engine reads the logits apart (its reader gives none)."""
+    from attnreg_lightning import AttentionRegularizer, register_attention_reader
+    from attnreg_lightning.attention import classifier, reads_logits
+    from attnreg_lightning.readers import timm as timm_reader
+    from attnreg_lightning.readers import unregister_attention_reader
+
+    vit = _timm_classifier()
+    x = torch.randn(2, 3, 32, 32)
+    mine = register_attention_reader("mine", timm_reader.READER.matches, timm_reader.READER.read)
+    try:
+        assert not reads_logits(vit)
+        with torch.no_grad():
+            assert torch.equal(classifier(vit)(x), vit(x))
+        with pytest.raises(ValueError, match="classify=True: VisionTransformer's attention reader gives no class"):
+            AttentionRegularizer(vit, classify=True)
+    finally:
+        unregister_attention_reader(mine)
+    assert reads_logits(vit)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 import wandb
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
@@ -91,3 +92,30 @@ def test_callback_logs_metrics_images_table_and_histograms(tmp_path, monkeypatch
     assert evolution["attnreg/evolution/count"] == 2
     # the end-of-fit report is a file of the run
     assert list(tmp_path.glob("wandb/*/files/attnreg_report.html"))
+
+
+def test_a_run_that_links_media_gets_arrays_not_files_that_are_deleted(tmp_path, monkeypatch):
+    """With ``allow_media_symlink`` W&B links a media file to the file it was given: the pictures' PNG files are
+    deleted once logged, so such a run is given the arrays (its media are whole after the files are gone)."""
+    from attnreg_lightning.loggers import log_pictures
+    from attnreg_lightning.pictures import PictureRow, RunPictures
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(
+        project="attnreg-test", save_dir=str(tmp_path), offline=True, settings=wandb.Settings(allow_media_symlink=True)
+    )
+    rng = np.random.default_rng(0)
+    folder = tempfile.TemporaryDirectory()
+    picture, base = (rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((20, 60, 3), (20, 20, 3)))
+    files = {"image": Path(folder.name) / "image.png", "input": Path(folder.name) / "input.png"}
+    Image.fromarray(picture).save(files["image"])
+    Image.fromarray(base).save(files["input"])
+    row = PictureRow(picture, "id 0", {"id": 0}, base, np.zeros((20, 20), np.uint8), files)
+    run = RunPictures([row], torch.zeros(3), torch.zeros(6), folder)
+    log_pictures([logger], run.rows, run.z_observed, run.z_null, 1, "epoch0")
+    run.close()
+    wandb.finish()
+    (logged,) = [r for r in history_rows(_run_file(tmp_path)) if "attnreg/maps/_type" in r]
+    media = _run_file(tmp_path).parent / "files" / logged["attnreg/maps/filenames"][0]
+    assert not Path(folder.name).exists()
+    assert np.array_equal(np.asarray(Image.open(media)), picture)

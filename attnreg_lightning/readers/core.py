@@ -77,11 +77,12 @@ class _CatchCls(TorchFunctionMode):
     def __init__(self, finish: bool) -> None:
         super().__init__()
         self.finish = finish
+        self.closed = False  # the attention module has returned
         self.logits: Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.logits is None:
+        if self.logits is None and not self.closed:
             if func is F.scaled_dot_product_attention:
                 self.logits = _sdpa_cls_logits(args, kwargs)
             elif func in _SOFTMAXES and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
@@ -89,6 +90,12 @@ class _CatchCls(TorchFunctionMode):
             if self.logits is not None and not self.finish:
                 raise _Caught
         return func(*args, **kwargs)
+
+
+def eager(module: nn.Module) -> Callable[..., object]:
+    """``module``'s own forward when it was compiled in place (``module.compile()``: its calls run compiled code,
+    which skips hooks added after compiling, so the catch's hook would never fire), else the module itself."""
+    return module.forward if getattr(module, "_compiled_call_impl", None) is not None else module
 
 
 def cls_logits(attention: nn.Module, run: Callable[[], object], what: str) -> Tensor:
@@ -117,14 +124,20 @@ def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: b
             catch.__enter__()
             armed.append(catch)
 
-    handle = attention.register_forward_pre_hook(arm)
+    def close(module: nn.Module, args: tuple, output: object) -> None:
+        # a kernel after the attention (e.g. an attention-pooling head) is not the attention's
+        if armed and threading.get_ident() == reader:
+            catch.closed = True
+
+    handles = [attention.register_forward_pre_hook(arm), attention.register_forward_hook(close)]
     output = None
     try:
         output = run()
     except _Caught:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if armed:
             catch.__exit__(None, None, None)
     if not armed:

@@ -24,6 +24,7 @@ from attnreg_lightning.readers.core import (
     as_pair,
     cls_logits,
     cls_logits_and_output,
+    eager,
     patch_columns,
 )
 
@@ -127,7 +128,7 @@ def _columns(model: nn.Module, images: Tensor, logits: Tensor) -> Tensor:
 
 def _read(model: nn.Module, images: Tensor) -> Tensor:
     base = tower(model)
-    run = lambda: base(pixel_values=images, **size_kwargs(base, images))  # noqa: E731
+    run = lambda: eager(base)(pixel_values=images, **size_kwargs(base, images))  # noqa: E731
     return _columns(model, images, cls_logits(_last_attention(base), run, type(model).__name__))
 
 
@@ -151,12 +152,13 @@ def _classifier(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
 
 
 def _read_classified(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    classify = _classifier(model)
-    if classify is None:
+    if not _is_classifier(model):
         raise TypeError(f"{type(model).__name__} has no image classification head")
-    caught, logits = cls_logits_and_output(
-        _last_attention(tower(model)), lambda: classify(images), type(model).__name__
-    )
+
+    def run() -> Tensor:
+        return eager(model)(pixel_values=images, **size_kwargs(model, images)).logits
+
+    caught, logits = cls_logits_and_output(_last_attention(tower(model)), run, type(model).__name__)
     return _columns(model, images, caught), logits
 
 

@@ -21,6 +21,7 @@ from attnreg_lightning.readers.core import (
     as_pair,
     cls_logits,
     cls_logits_and_output,
+    eager,
     patch_columns,
 )
 
@@ -106,7 +107,7 @@ def _classifier(vit: nn.Module) -> Callable[[Tensor], Tensor] | None:
 def _read_classified(vit: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     if _classifier(vit) is None:
         raise TypeError(f"{type(vit).__name__} has no classification head (num_classes=0)")
-    logits, classes = cls_logits_and_output(last_attention(vit), lambda: vit(images), type(vit).__name__)
+    logits, classes = cls_logits_and_output(last_attention(vit), lambda: eager(vit)(images), type(vit).__name__)
     return _columns(vit, images, logits), classes
 
 
