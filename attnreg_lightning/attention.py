@@ -166,12 +166,10 @@ def cls_attention_and_logits(model: nn.Module, images: Tensor, heads: str = "mea
     """:func:`cls_attention` and the class logits ``[B, classes]`` of the same forward, which runs on to the head
     (a model :func:`reads_logits` accepts)."""
     vit = _checked_vit(model, images, heads)
-    if not reads_logits(vit):
-        raise TypeError(
-            f"{type(vit).__name__}: its attention reader gives no class logits (no classification head, or a reader "
-            "without read_classified)"
-        )
-    per_head, logits = find_reader(vit).read_classified(vit, images)
+    reader = find_reader(vit)
+    if reader.read_classified is None:  # a model without a head is refused by the reader itself, with its reason
+        raise TypeError(f"{type(vit).__name__}: its attention reader ({reader.name}) gives no class logits")
+    per_head, logits = reader.read_classified(vit, images)
     return _reduce(per_head, heads), logits
 
 

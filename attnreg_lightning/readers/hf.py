@@ -153,7 +153,7 @@ def _classifier(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
 
 def _read_classified(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     if not _is_classifier(model):
-        raise TypeError(f"{type(model).__name__} has no image classification head")
+        raise TypeError(f"{type(model).__name__} has no classification head (not an image classification model)")
 
     def run() -> Tensor:
         return eager(model)(pixel_values=images, **size_kwargs(model, images)).logits
