@@ -191,6 +191,7 @@ def test_patch_nulls_get_the_models_patch_size(vit):
     assert not torch.allclose(reg.significance.z_null, null_z(4))
 
 
+@pytest.mark.slow
 def test_compile_is_off_by_default_and_same_results(vit):
     engine = AttentionRegularizer(vit, n_bootstrap=2)
     assert engine._read is cls_attention

@@ -156,6 +156,7 @@ def test_models_that_cannot_be_read_are_refused_with_the_reason():
         AttentionRegularizer(ijepa)
 
 
+@pytest.mark.slow
 def test_the_package_imports_and_reads_timm_models_without_transformers(tmp_path):
     # a Python whose site-packages are this one's without transformers (its dist-info included, which other
     # libraries probe before importing it)
