@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import torch
 from torch import nn
@@ -70,3 +72,19 @@ class RecordingCallback(AttentionRegularizationCallback):
     def ids(self, epoch: int) -> list[int]:
         """The sample ids explained at ``epoch``, in the order they were explained."""
         return [i for ids, _ in self.seen.get(epoch, []) for i in ids]
+
+
+def observe_late(engine, monkeypatch, delay: Callable[[], None]) -> list[int]:
+    """Make the forwards that ``engine.submit`` runs finish late: after the real forwards, ``delay()`` runs, and only
+    then are the returned tensors written (copies of the real ones), so a reader that does not wait for them reads
+    too early. Returns the batch sizes it was called with: a test shows the patch is reached."""
+    real, calls = engine._observe, []
+
+    def late(images, sample_ids=None):
+        calls.append(images.shape[0])
+        obs, null, logits = real(images, sample_ids)
+        delay()
+        return obs * 1, null * 1, None if logits is None else logits * 1
+
+    monkeypatch.setattr(engine, "_observe", late)
+    return calls

@@ -88,19 +88,18 @@ def test_background_statistics_of_cuda_attention_are_the_cpus_for_the_same_atten
 
 def test_the_statistics_thread_reads_the_attention_only_once_its_copy_has_landed(cuda_vit, monkeypatch):
     """The device is kept busy before the attention is even written, so the copy to pinned host memory lands
-    late: a thread that did not wait for the copy's event would read the buffer before it is filled."""
+    late: a thread that did not wait for the copy's event would read the buffer before it is filled.
+    (``test_engine.py`` shows on the CPU that ``submit`` reaches the delayed forwards.)"""
+    from tests.helpers import observe_late
+
     images = torch.randn(4, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
     ids = [0, 1, 2, 3]
     engine = AttentionRegularizer(cuda_vit, n_bootstrap=5)
     obs, null = engine.observe(images, ids)
     want = engine.explain(obs.cpu(), null.cpu(), (8, 8))
-
-    def late(images, sample_ids=None):
-        torch.cuda._sleep(int(2e9))  # ~1 s of device time queued before the attention below is written
-        return obs * 1, null * 1
-
-    monkeypatch.setattr(engine, "observe", late)
+    calls = observe_late(engine, monkeypatch, lambda: torch.cuda._sleep(int(2e9)))  # ~1 s of device time queued
     got = engine.submit(images, ids).result()
+    assert calls == [4]
     assert torch.equal(got.attention, want.attention) and torch.equal(got.significance.z, want.significance.z)
     engine.close()
 

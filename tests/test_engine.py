@@ -277,6 +277,22 @@ def test_submit_gives_the_calls_result_from_a_background_thread(vit, heads):
     assert not thread.is_alive()
 
 
+def test_submit_runs_the_forwards_the_late_copy_test_delays(vit, monkeypatch):
+    """``test_cuda.py`` delays the forwards ``submit`` runs, to check the statistics thread waits for the device's
+    copy: that check means something only while ``submit`` reaches the patched forwards, shown here on the CPU."""
+    from tests.helpers import observe_late
+
+    engine = AttentionRegularizer(perturb(copy.deepcopy(vit), 4), n_bootstrap=3)
+    x, ids = _images(3), [7, 8, 9]
+    want = engine(x, ids)
+    delayed: list[bool] = []
+    calls = observe_late(engine, monkeypatch, lambda: delayed.append(True))
+    got = engine.submit(x, ids).result()
+    engine.close()
+    assert calls == [3] and delayed == [True]
+    assert torch.equal(got.attention, want.attention) and torch.equal(got.significance.z, want.significance.z)
+
+
 def test_an_exception_in_the_statistics_thread_is_raised_by_result(vit, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("statistics failed on purpose")

@@ -410,16 +410,24 @@ class Holder(L.LightningModule):
 
 
 def test_classifier_forward_timm():
+    from torch._dynamo.testing import CompileCounter
+
     vit = _vit(drop_rate=0.5)
     x = _images(2)
     with torch.no_grad():
         expected = vit(x)
-    for model in (vit, Holder(vit), torch.compile(vit)):
+    counter = CompileCounter()  # Dynamo's graphs run eagerly: the compiled call without inductor's minutes
+    compiled = torch.compile(vit, backend=counter)
+    for model in (vit, Holder(vit), compiled):
         model.train()
         forward = classifier_forward(model)
         with torch.no_grad():
             torch.testing.assert_close(forward(x), expected)  # eval mode: no dropout
         assert vit.training  # each module's mode restored
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected)  # the compiled model itself is what its forward reads
+    assert counter.frame_count >= 1
     assert classifier_forward(_vit(num_classes=0)) is None
     assert classifier_forward(nn.Linear(3, 2)) is None
 

@@ -98,7 +98,9 @@ def test_an_explicit_softmax_is_caught_and_nothing_after_the_attention_runs():
 
 def test_a_forward_of_the_same_model_in_another_thread_runs_untouched_while_a_read_is_armed():
     # faithfulness runs full forwards of the model in the statistics thread while the training thread reads the
-    # next batch's attention: the read's hook must catch only its own thread's call of the last attention
+    # next batch's attention: the read's hook must catch only its own thread's call of the last attention. The
+    # two overlap for real: the reading thread waits inside its armed attention (at qkv, after the catch's
+    # pre-hook) until the other thread has run the whole model through that same attention.
     import threading
 
     import timm
@@ -109,7 +111,20 @@ def test_a_forward_of_the_same_model_in_another_thread_runs_untouched_while_a_re
     with torch.no_grad():
         want_logits = vit(x)
         want_read = cls_logits(vit.blocks[-1].attn, lambda: vit.forward_features(x), "vit")
-    other: dict = {}
+    reader = threading.get_ident()
+    armed, other_done = threading.Event(), threading.Event()
+    other: dict = {"modes": []}
+
+    def hold_the_other_until_armed(module, args):  # registered before the read's own hook: runs first
+        if threading.get_ident() != reader:
+            other["waited"] = armed.wait(timeout=60)
+
+    def hold_the_reader_while_armed(module, args):
+        if threading.get_ident() == reader:
+            armed.set()
+            other["overlapped"] = other_done.wait(timeout=60)
+        else:  # the reader's catch is on its own thread's mode stack only
+            other["modes"].append(torch._C._len_torch_function_stack())
 
     def elsewhere() -> None:
         try:
@@ -117,16 +132,28 @@ def test_a_forward_of_the_same_model_in_another_thread_runs_untouched_while_a_re
                 other["logits"] = vit(x)
         except BaseException as err:  # noqa: BLE001 (the caught exception is what the test reports)
             other["error"] = err
+        finally:
+            other_done.set()
 
-    def run() -> None:  # the hook is armed now: another thread runs the whole model through it
+    def run() -> None:  # the other thread starts, and the read's hook arms while it is under way
         thread = threading.Thread(target=elsewhere)
         thread.start()
-        thread.join()
         vit.forward_features(x)
+        thread.join()
 
-    with torch.no_grad():
-        got = cls_logits(vit.blocks[-1].attn, run, "vit")
+    handles = [
+        vit.blocks[-1].attn.register_forward_pre_hook(hold_the_other_until_armed),
+        vit.blocks[-1].attn.qkv.register_forward_pre_hook(hold_the_reader_while_armed),
+    ]
+    try:
+        with torch.no_grad():
+            got = cls_logits(vit.blocks[-1].attn, run, "vit")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert other.get("waited") and other.get("overlapped"), other  # the other forward ran inside the armed read
     assert "error" not in other, repr(other.get("error"))
+    assert other["modes"] == [0]
     assert torch.equal(other["logits"], want_logits)
     assert torch.equal(got, want_read)
 
@@ -174,7 +201,9 @@ def _timm_classifier():
 
 def test_a_model_compiled_in_place_is_read_with_its_logits():
     """``model.compile()`` makes its calls run compiled code that skips the catch's hook: the reads run the model's
-    own forward instead (nothing is compiled here), with the attention and logits of the model before compiling."""
+    own forward instead, with the attention and logits of the model before compiling, and the compiled call still
+    runs compiled (its frames counted by the backend, which runs Dynamo's graphs eagerly: no inductor minutes)."""
+    from torch._dynamo.testing import CompileCounter
     from transformers import ViTConfig, ViTForImageClassification
 
     from attnreg_lightning.attention import cls_attention, cls_attention_and_logits
@@ -184,12 +213,23 @@ def test_a_model_compiled_in_place_is_read_with_its_logits():
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
                        intermediate_size=96, num_labels=3)  # fmt: skip
     for model in (_timm_classifier(), ViTForImageClassification(config).eval()):
+
+        def logits_of_the_call(model=model):
+            out = model(x)
+            return getattr(out, "logits", out)
+
         with torch.no_grad():
             want_attention, want_logits = cls_attention_and_logits(model, x)
-            model.compile()
+            counter = CompileCounter()
+            model.compile(backend=counter)
+            torch.testing.assert_close(logits_of_the_call(), want_logits)
+            frames = counter.frame_count
             attention, logits = cls_attention_and_logits(model, x)
             assert torch.equal(attention, want_attention) and torch.equal(logits, want_logits)
             assert torch.equal(cls_attention(model, x), want_attention)
+            torch.testing.assert_close(logits_of_the_call(), want_logits)
+        # the calls above ran compiled, and the reads left nothing (e.g. a hook) that makes Dynamo compile again
+        assert frames >= 1 and counter.frame_count == frames, type(model).__name__
 
 
 def test_a_users_reader_without_a_classifier_leaves_it_to_the_built_in_one():

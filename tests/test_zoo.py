@@ -184,10 +184,18 @@ def test_the_lora_reference_is_the_adapted_attention(key):
 
 
 def test_the_compiled_model_read_leaves_the_kernel_and_the_compiled_forward_alone():
-    """torch.compile(ViTModel): read as its own model (no compiled forward is run here: compiling takes ~40 s on
-    CPU), and the model's kernel is still sdpa after the read."""
+    """torch.compile(ViTModel): read as its own model, and the compiled forward, called before and after the read,
+    still runs compiled (Dynamo's frames, counted by the row's backend) and gives the eager model's output; the
+    model's kernel is still sdpa after the read."""
     model, images, _ = built("hf-vit-torch-compile")
-    cls_attention(model, images, heads="all")
+    with torch.no_grad():
+        want = model._orig_mod(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(model(pixel_values=images).last_hidden_state, want)
+        compiled_frames = model.compiled.frame_count
+        attention = cls_attention(model, images, heads="all")
+        torch.testing.assert_close(cls_attention(model._orig_mod, images, heads="all"), attention)
+        torch.testing.assert_close(model(pixel_values=images).last_hidden_state, want)
+    assert compiled_frames >= 1 and model.compiled.frame_count == compiled_frames  # compiled once, not recompiled
     assert model._orig_mod.config._attn_implementation == "sdpa"
 
 

@@ -202,8 +202,15 @@ def lightning_holding_lora(seed: int = 0) -> nn.Module:
 
 
 def compiled_hf_vit(seed: int = 0) -> nn.Module:
-    """``torch.compile(ViTModel(...))``: an OptimizedModule; nothing here runs the compiled forward."""
-    return torch.compile(hf_model("ViTModel", "ViTConfig", seed, intermediate_size=96))
+    """``torch.compile(ViTModel(...))``: an OptimizedModule. Its backend counts the frames Dynamo compiles and runs
+    their graphs eagerly (the model's ``compiled`` attribute), so a test can call the compiled forward without
+    inductor's ~40 s of kernel generation on a CPU."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    model = torch.compile(hf_model("ViTModel", "ViTConfig", seed, intermediate_size=96), backend=counter)
+    model.compiled = counter
+    return model
 
 
 # --- the table ---
