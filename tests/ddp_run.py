@@ -2,6 +2,7 @@
 
 Run as a script (Lightning's DDP launcher re-executes it for each rank):
     python tests/ddp_run.py OUT.json --devices 2 [--uneven] [--first N] [--no-ids] [--log-images K]
+or, for one process, in the test's own process: ``main([OUT.json, "--first", "15"])``.
 
 Each rank also writes ``OUT.rank<r>.json``: the sample ids its engine was called with, the z-scores of
 each image's first null image and the captions of the pictures it sent to a logger.
@@ -58,7 +59,7 @@ class Recording(AttentionRegularizationCallback):
         super()._record(trainer, job, reg)
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--devices", type=int, default=1)
@@ -69,8 +70,11 @@ def main():
     ap.add_argument("--statistics", default="auto", choices=["auto", "inline", "background"])
     ap.add_argument("--on-error", default="warn", choices=["warn", "raise"])
     ap.add_argument("--fail-statistics-on-rank", type=int, help="this rank's statistics raise (fault injection)")
-    args = ap.parse_args()
-    L.seed_everything(0)
+    args = ap.parse_args(argv)
+    if argv is not None and args.devices != 1:
+        raise ValueError("in-process runs are single-process: launch DDP as a script")
+    L.seed_everything(0, verbose=False)
+    real_significance = engine_module.significance
     if (
         args.fail_statistics_on_rank is not None
         and int(os.environ.get("LOCAL_RANK", 0)) == args.fail_statistics_on_rank
@@ -101,17 +105,21 @@ def main():
         return real_log_pictures(loggers, rows, *rest, **kw)
 
     callback_module.log_pictures = log_pictures
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        callbacks=[callback],
-        logger=CSVLogger(".", name="csv") if args.log_images else False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=not (args.uneven or args.no_ids),
-    )
-    (metrics,) = trainer.validate(tiny_module(), Val(args.uneven, args.first))
+    try:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=args.devices,
+            strategy="ddp" if args.devices > 1 else "auto",
+            callbacks=[callback],
+            logger=CSVLogger(Path(args.out).parent, name="csv") if args.log_images else False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=not (args.uneven or args.no_ids),
+        )
+        (metrics,) = trainer.validate(tiny_module(), Val(args.uneven, args.first), verbose=False)
+    finally:  # an in-process run leaves the modules as it found them
+        callback_module.log_pictures = real_log_pictures
+        engine_module.significance = real_significance
     Path(f"{args.out}.rank{trainer.global_rank}.json").write_text(json.dumps(callback.record))
     if trainer.is_global_zero:
         Path(args.out).write_text(json.dumps({k: float(v) for k, v in metrics.items()}))

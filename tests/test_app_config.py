@@ -144,11 +144,16 @@ def test_typo_and_wrong_type_fail_at_composition_with_the_key():
         _compose("attnreg.n_bootstrap=ten")
     with pytest.raises(ConfigCompositionException, match="lrr"):
         _compose("model.lrr=0.1")
+    with pytest.raises(ConfigCompositionException, match="trainer"):
+        _compose("trainer=tpu")  # an option the group does not have
 
 
-def test_out_of_range_fails_at_validation_with_the_key():
-    cfg = _compose("attnreg.p_th=1.5")
-    with pytest.raises(ValueError, match=r"attnreg\.p_th"):
+@pytest.mark.parametrize(
+    ("override", "named"), [("attnreg.p_th=1.5", r"attnreg\.p_th"), ("attnreg.method=gauss", r"attnreg\.method")]
+)
+def test_out_of_range_fails_at_validation_with_the_key(override, named):
+    cfg = _compose(override)
+    with pytest.raises(ValueError, match=named):
         AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
 
 

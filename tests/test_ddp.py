@@ -1,4 +1,5 @@
-"""Real DDP: two CPU processes (gloo) against one process over the same validation images."""
+"""Real DDP: two CPU processes (gloo) against one process over the same validation images (the one-process
+references run in the test's own process: the same script, no interpreter to launch)."""
 
 import json
 import os
@@ -18,7 +19,7 @@ def _run(tmp_path: Path, name: str, *args: str, stderr: list | None = None) -> d
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *args],
+        [sys.executable, str(SCRIPT), str(out), "--devices", "2", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -28,6 +29,15 @@ def _run(tmp_path: Path, name: str, *args: str, stderr: list | None = None) -> d
     assert proc.returncode == 0, proc.stderr[-4000:]
     if stderr is not None:
         stderr.append(proc.stderr)
+    return json.loads(out.read_text())
+
+
+def _single(tmp_path: Path, name: str, *args: str) -> dict:
+    """The one-process reference, in this process."""
+    from tests import ddp_run
+
+    out = tmp_path / f"{name}.json"
+    ddp_run.main([str(out), *args])
     return json.loads(out.read_text())
 
 
@@ -46,9 +56,9 @@ def _assert_same_metrics(a: dict, b: dict) -> None:
 
 
 def test_ddp_reports_what_one_process_reports(tmp_path):
-    single = _run(tmp_path, "single", "--devices", "1")
+    single = _single(tmp_path, "single")
     printed = []
-    ddp = _run(tmp_path, "ddp", "--devices", "2", stderr=printed)
+    ddp = _run(tmp_path, "ddp", stderr=printed)
     # values already reduced by torchmetrics: Lightning has nothing to warn about (it did, once per key)
     assert "sync_dist=True" not in printed[0]
     assert ddp["attnreg/explained"] == single["attnreg/explained"] == 24
@@ -57,9 +67,9 @@ def test_ddp_reports_what_one_process_reports(tmp_path):
 
 def test_a_padded_distributed_sampler_explains_each_image_once(tmp_path):
     """15 images on 2 ranks: the sampler repeats one so both get 8; the repeat is not explained again."""
-    ddp = _run(tmp_path, "ddp", "--devices", "2", "--first", "15")
+    ddp = _run(tmp_path, "ddp", "--first", "15")
     (tmp_path / "single").mkdir()
-    single = _run(tmp_path / "single", "single", "--first", "15")
+    single = _single(tmp_path / "single", "single", "--first", "15")
     ids = _record(tmp_path, "ddp", 0)["ids"] + _record(tmp_path, "ddp", 1)["ids"]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 15
     assert ddp["attnreg/explained"] == single["attnreg/explained"] == 15
@@ -67,10 +77,10 @@ def test_a_padded_distributed_sampler_explains_each_image_once(tmp_path):
 
 
 def test_uneven_ranks_report_what_one_process_over_their_images_reports_and_rank_zero_draws(tmp_path):
-    uneven = _run(tmp_path, "uneven", "--devices", "2", "--uneven", "--log-images", "2")
+    uneven = _run(tmp_path, "uneven", "--uneven", "--log-images", "2")
     assert uneven["attnreg/explained"] == 16  # 12 on rank 0 + 4 on rank 1
     (tmp_path / "single").mkdir()
-    single = _run(tmp_path / "single", "single", "--first", "16")
+    single = _single(tmp_path / "single", "single", "--first", "16")
     _assert_same_metrics(uneven, single)
     ranks = [_record(tmp_path, "uneven", r) for r in (0, 1)]
     assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == sorted(_record(tmp_path / "single", "single", 0)["ids"])
@@ -80,7 +90,7 @@ def test_uneven_ranks_report_what_one_process_over_their_images_reports_and_rank
 
 
 def test_ddp_without_ids_gives_each_rank_its_own_nulls(tmp_path):
-    _run(tmp_path, "no_ids", "--devices", "2", "--no-ids")
+    _run(tmp_path, "no_ids", "--no-ids")
     ranks = [_record(tmp_path, "no_ids", r) for r in (0, 1)]
     # both ranks explain the same 24 images: the ids they make up must differ, and so must the nulls
     assert len(ranks[0]["ids"]) == len(ranks[1]["ids"]) == 24
@@ -90,8 +100,8 @@ def test_ddp_without_ids_gives_each_rank_its_own_nulls(tmp_path):
 
 
 def test_background_statistics_in_ddp_report_what_one_inline_process_reports(tmp_path):
-    single = _run(tmp_path, "single", "--devices", "1", "--statistics", "inline")
-    ddp = _run(tmp_path, "ddp", "--devices", "2", "--statistics", "background")
+    single = _single(tmp_path, "single", "--statistics", "inline")
+    ddp = _run(tmp_path, "ddp", "--statistics", "background")
     assert ddp["attnreg/explained"] == 24
     _assert_same_metrics(ddp, single)
 
