@@ -211,3 +211,23 @@ def test_a_hugging_face_model_on_an_image_folder_composes_and_builds(tmp_path):
     with pytest.raises(InstantiationException, match="data.mean and data.std go together"):
         instantiate(_compose("data=image_folder", f"data.root={tmp_path}", "data.num_classes=1",
                              "data.mean=[0.5,0.5,0.5]").data, _convert_="all")  # fmt: skip
+
+
+def test_a_sweeps_run_names_hold_the_keys_it_varies(monkeypatch):
+    """Each job of ``train.py -m a=1,2 b=x,y c=3`` is named by its values of the swept keys, in the order given
+    (``c``, the same in every job, is left out); an Optuna search space counts as swept; outside a sweep every
+    override names the run."""
+    from hydra.types import RunMode
+
+    import train
+
+    task = ["attnreg.method=pixel", "attnreg.n_bootstrap=10", "data.val_size=16"]
+    monkeypatch.setattr("sys.argv", ["train.py", "-m", "attnreg.method=normal,pixel", "attnreg.n_bootstrap=1,10",
+                                     "data.val_size=16"])  # fmt: skip
+    job = OmegaConf.create({"mode": RunMode.MULTIRUN, "overrides": {"task": task}, "sweeper": {}})
+    assert train.run_name(job) == "attnreg.method=pixel,attnreg.n_bootstrap=10"
+    monkeypatch.setattr("sys.argv", ["train.py", "-m", "data.val_size=16"])
+    job.sweeper = {"params": {"attnreg.n_bootstrap": "range(1, 20)"}}
+    assert train.run_name(job) == "attnreg.n_bootstrap=10"
+    job.mode = RunMode.RUN
+    assert train.run_name(job) == ",".join(task)
