@@ -192,13 +192,19 @@ def picture_row(
     raw = grid(reg.attention)
     lo, hi = scale if scale is not None else attention_scale(raw)
     pool = (1 + sig.z_null.shape[1]) * raw.size  # p >= 1 / pool unless a token beats the whole pool
+    top = float(np.log10(pool))
+    p = grid(sig.p)
+    # p is a multiple of 1 / pool: one that rounded a hair below 1 / pool (1 - count / pool in float32) is at the
+    # bar's top, not beyond it (no pointed end); p = 0, a token that beats the whole pool, is beyond it
+    minus_log_p = -np.log10(np.clip(p, 1e-300, 1))
+    minus_log_p = np.where(p * pool >= 0.5, np.minimum(minus_log_p, top), minus_log_p)
     z = grid(sig.z)
     zmax = max(float(np.abs(z).max()), 1e-6)
     panels = [
         _input(image),
         _map_panel(raw, "raw attention", "inferno", lo, hi),
         _map_panel(z, "z (log scale)", "coolwarm", -zmax, zmax),
-        _map_panel(-np.log10(np.clip(grid(sig.p), 1e-300, 1)), "-log10 p", "magma", 0.0, float(np.log10(pool))),
+        _map_panel(minus_log_p, "-log10 p", "magma", 0.0, top),
         _map_panel(grid(sig.lfdr), "local FDR", "viridis_r", 0.0, 1.0),
     ]
     removed = _removed_cmap("inferno")
