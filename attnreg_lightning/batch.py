@@ -15,12 +15,15 @@ _FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries non
 
 @dataclass
 class BatchView:
-    """What the callback needs from a batch: images ``[B, C, H, W]``, optional pixel masks and sample ids."""
+    """What the callback needs from a batch: images ``[B, C, H, W]``, optional sample ids and pixel masks of the
+    regions it scores: the object (``masks``, the region of interest), planted ``noise`` and a suspected
+    ``shortcut`` cue."""
 
     images: Tensor
     masks: Tensor | None = None
     ids: Tensor | None = None
     noise_masks: Tensor | None = None
+    shortcut_masks: Tensor | None = None
 
 
 def _is_ids(item: Any, batch_size: int) -> bool:
@@ -35,11 +38,12 @@ def _is_ids(item: Any, batch_size: int) -> bool:
 
 def default_batch_to_images(batch: Any) -> BatchView:
     """Read a batch: ``x``; a tuple or list ``(x, y, *extras)``; or a dict with ``image``/``images``/``x``,
-    ``mask``/``masks``, ``id``/``ids``/``sample_id`` and ``noise_mask`` keys.
+    ``mask``/``masks``, ``id``/``ids``/``sample_id``, ``noise_mask`` and ``shortcut_mask`` keys.
 
     In a tuple the label ``y`` is ignored; among the extras a 1-D integer tensor of length ``B`` is the
-    sample ids, and the others are, in order, the object mask and the noise mask: ``(x, y, id)``,
-    ``(x, y, mask)``, ``(x, y, mask, id)`` and ``(x, y, mask, id, noise_mask)`` all read as expected.
+    sample ids, and the others are, in order, the object mask, the noise mask and the shortcut mask:
+    ``(x, y, id)``, ``(x, y, mask)``, ``(x, y, mask, id)``, ``(x, y, mask, id, noise_mask)`` and
+    ``(x, y, mask, id, noise_mask, shortcut_mask)`` all read as expected.
     """
     if isinstance(batch, Tensor):
         return BatchView(batch)
@@ -48,7 +52,8 @@ def default_batch_to_images(batch: Any) -> BatchView:
         if image is None:
             raise ValueError(f"batch dict has no 'image' key (keys: {sorted(batch)}); pass batch_to_images=...")
         get = lambda *keys: next((batch[k] for k in keys if k in batch), None)  # noqa: E731
-        return BatchView(image, get("mask", "masks"), get("id", "ids", "sample_id"), get("noise_mask"))
+        ids = get("id", "ids", "sample_id")
+        return BatchView(image, get("mask", "masks"), ids, get("noise_mask"), get("shortcut_mask"))
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         images, ids, masks = batch[0], None, []
         for item in batch[2:]:
@@ -56,8 +61,8 @@ def default_batch_to_images(batch: Any) -> BatchView:
                 ids = item
             else:
                 masks.append(item)
-        masks += [None] * (2 - len(masks))
-        return BatchView(images, masks[0], ids, masks[1])
+        masks += [None] * (3 - len(masks))
+        return BatchView(images, masks[0], ids, masks[1], masks[2])
     raise ValueError(f"can't find images in a batch of type {type(batch).__name__}; pass batch_to_images=...")
 
 

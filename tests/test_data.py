@@ -123,3 +123,41 @@ def test_image_folder_uses_the_masks_that_exist(tmp_path):
     tokens = token_mask(batch["mask"], (4, 4))
     assert not tokens[unknown].any() and tokens[~unknown].any(1).all()
     assert torch.equal(batch["mask"][0], batch["mask"][1])  # the others: the object's square, as on disk
+
+
+def test_a_planted_shortcut_leaks_the_label_on_training_images_only():
+    from attnreg_lightning.data.shapes import CUE_OFFSET, PALETTE
+
+    spec = ShapesSpec(image_size=64, noise_squares=2, shortcut_size=8, shortcut_leak=0.75, shortcut_honest=0.5)
+    train = [render(spec, i, train=True) for i in range(400)]
+    val = [render(spec, i, train=False) for i in range(400)]
+    for item in train[:50] + val[:50]:
+        marker = item["shortcut_mask"]
+        ys, xs = np.nonzero(marker)
+        assert marker.sum() == 64 and ys.min() % 8 == 0 and xs.min() % 8 == 0  # whole 8-px tokens
+        assert not (marker & (item["mask"] | item["noise_mask"])).any()
+        cue = PALETTE[(item["cue_class"] + CUE_OFFSET) % len(PALETTE)]
+        assert np.allclose(item["image"][:, marker], cue[:, None])
+    rate = lambda items, key: np.mean([it[key] == it["label"] for it in items])  # noqa: E731
+    # leaked 3 times in 4, plus the random quarter's own chance of 1 in 4; the object lies half the time
+    assert abs(rate(train, "cue_class") - (0.75 + 0.25 / 4)) < 0.06
+    assert abs(rate(train, "object_class") - (0.5 + 0.5 / 4)) < 0.06
+    # validation images are honest, and their cue is random
+    assert rate(val, "object_class") == 1.0 and abs(rate(val, "cue_class") - 0.25) < 0.06
+    # the default spec draws the same images as before the option existed
+    plain, again = render(ShapesSpec(image_size=64, noise_squares=2), 3), render(spec, 3, train=False)
+    assert plain["label"] == again["label"] and np.array_equal(plain["mask"], again["mask"])
+    assert not plain["shortcut_mask"].any() and plain["cue_class"] == -1
+
+
+def test_the_datamodule_carries_the_shortcut_mask_and_the_callback_reads_it():
+    from attnreg_lightning.batch import default_batch_to_images
+    from attnreg_lightning.data.shapes import ShapesDataModule
+
+    data = ShapesDataModule(train_size=8, val_size=8, batch_size=8, image_size=48, shortcut_size=8)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    view = default_batch_to_images(batch)
+    assert view.shortcut_masks is not None and torch.equal(view.shortcut_masks, batch[5])
+    assert view.noise_masks.sum() == 0 and view.masks.sum() > 0  # no noise squares: an empty noise region
+    assert (view.shortcut_masks.flatten(1).sum(1) == 64).all()

@@ -2,9 +2,19 @@
 
 Each image is textured grey noise with one coloured object planted at a random place; the label is the
 object's colour, so only the object carries it. With ``noise_squares > 0``, squares of strong pixel noise
-are planted outside the object: they draw attention but carry no label (the paper's simulation). Items
-are ``(image, label, object_mask, id)`` (plus ``noise_mask`` when noise squares are on), each a pure
-function of ``(seed, index)``.
+are planted outside the object: they draw attention but carry no label (the paper's simulation).
+
+A planted shortcut (``shortcut_size > 0``): a small square marker outside the object and the noise squares, placed
+at a multiple of its size (whole tokens when the size is a multiple of the patch), whose colour, from a palette of
+its own, can give the label away. On training images the marker shows the label's cue colour with probability
+``shortcut_leak`` (else a random class's), and the object shows the label's colour with probability
+``shortcut_honest`` (else a random class's: the honest feature lies); a model trained on leaked cues leans on the
+marker the more, the less often the object tells the truth. Validation images are always honest, and their marker
+colour is drawn at random: the cue lies on most of them (accuracy on those is how much the model relies on it).
+
+Items are ``(image, label, object_mask, id)``, plus ``noise_mask`` when noise squares or a shortcut are on (all
+zeros without noise squares), plus ``shortcut_mask`` when a shortcut is on; each a pure function of
+``(seed, index)`` (and the split).
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ PALETTE = np.array(
     dtype=np.float32,
 )  # fmt: skip
 SHAPES = ("square", "disk", "triangle")
+CUE_OFFSET = 4
+"""The cue colour of class ``c`` is ``PALETTE[(c + CUE_OFFSET) % len(PALETTE)]``: for up to 4 classes, colours no
+object wears."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,9 @@ class ShapesSpec:
     noise_squares: int = 0
     noise_square_size: int = 8
     seed: int = 0
+    shortcut_size: int = 0
+    shortcut_leak: float = 1.0
+    shortcut_honest: float = 1.0
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= len(PALETTE):
@@ -45,6 +61,11 @@ class ShapesSpec:
             raise ValueError(f"object_fraction must be in [0.005, 0.5], got {self.object_fraction}")
         if self.noise_squares < 0:
             raise ValueError(f"noise_squares must be >= 0, got {self.noise_squares}")
+        if not 0 <= self.shortcut_size <= self.image_size // 4:
+            raise ValueError(f"shortcut_size must be in [0, image_size / 4], got {self.shortcut_size}")
+        for name in ("shortcut_leak", "shortcut_honest"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
 
 
 def _shape_mask(kind: str, size: int, top: int, left: int, side: int) -> np.ndarray:
@@ -59,8 +80,25 @@ def _shape_mask(kind: str, size: int, top: int, left: int, side: int) -> np.ndar
     return inside_box & (np.abs(x - side / 2 + 0.5) <= y / 2 + 0.5)  # triangle, apex up
 
 
-def render(spec: ShapesSpec, index: int) -> dict[str, np.ndarray | int]:
-    """One item as numpy arrays: image ``[3, H, W]`` in [0, 1], label, object and noise masks ``[H, W]``."""
+def _free_square(rng: np.random.Generator, taken: np.ndarray, size: int, aligned: bool = False) -> np.ndarray:
+    """A ``size`` square that does not touch ``taken`` (20 tries; all False if none fits); ``aligned``: at a
+    multiple of ``size`` (on the token grid when ``size`` is a multiple of the patch)."""
+    s = taken.shape[0]
+    square = np.zeros((s, s), bool)
+    for _attempt in range(20):
+        if aligned:
+            y0, x0 = (int(v) * size for v in rng.integers(0, (s - size) // size + 1, size=2))
+        else:
+            y0, x0 = (int(v) for v in rng.integers(0, s - size + 1, size=2))
+        if not taken[max(0, y0 - 1) : y0 + size + 1, max(0, x0 - 1) : x0 + size + 1].any():
+            square[y0 : y0 + size, x0 : x0 + size] = True
+            break
+    return square
+
+
+def render(spec: ShapesSpec, index: int, train: bool = True) -> dict[str, np.ndarray | int]:
+    """One item as numpy arrays: image ``[3, H, W]`` in [0, 1], label, object, noise and shortcut masks
+    ``[H, W]``, and the classes the object's and the marker's colours stand for (``-1``: no marker)."""
     rng = np.random.default_rng([spec.seed, index])
     s = spec.image_size
     # textured background: smoothed grey noise, low contrast, no colour
@@ -72,28 +110,35 @@ def render(spec: ShapesSpec, index: int) -> dict[str, np.ndarray | int]:
     side = max(4, int(round(np.sqrt(spec.object_fraction * s * s) * rng.uniform(0.85, 1.15))))
     top, left = (int(v) for v in rng.integers(0, s - side + 1, size=2))
     obj = _shape_mask(kind, s, top, left, side)
-    colour = PALETTE[label] * rng.uniform(0.85, 1.0)
+    shows = label
+    if spec.shortcut_size and train and rng.uniform() >= spec.shortcut_honest:
+        shows = int(rng.integers(spec.num_classes))  # the honest feature lies
+    colour = PALETTE[shows] * rng.uniform(0.85, 1.0)
     shade = 1.0 + rng.normal(0, 0.03, (s, s)).astype(np.float32)
     image = np.where(obj[None], colour[:, None, None] * shade[None], image)
     noise = np.zeros((s, s), bool)
-    q = spec.noise_square_size
-    for _ in range(spec.noise_squares):
-        for _attempt in range(20):  # a place that does not touch the object
-            y0, x0 = (int(v) for v in rng.integers(0, s - q + 1, size=2))
-            if not obj[max(0, y0 - 1) : y0 + q + 1, max(0, x0 - 1) : x0 + q + 1].any():
-                noise[y0 : y0 + q, x0 : x0 + q] = True
-                break
+    for _ in range(spec.noise_squares):  # a place that does not touch the object
+        noise |= _free_square(rng, obj, spec.noise_square_size)
     image = np.where(noise[None], rng.uniform(0, 1, (3, s, s)).astype(np.float32), image)
-    return {"image": np.clip(image, 0, 1), "label": label, "mask": obj, "noise_mask": noise}
+    cue, marker = -1, np.zeros((s, s), bool)
+    if spec.shortcut_size:
+        leaked = train and rng.uniform() < spec.shortcut_leak
+        cue = label if leaked else int(rng.integers(spec.num_classes))
+        marker = _free_square(rng, obj | noise, spec.shortcut_size, aligned=True)
+        image = np.where(marker[None], PALETTE[(cue + CUE_OFFSET) % len(PALETTE)][:, None, None], image)
+    return {
+        "image": np.clip(image, 0, 1), "label": label, "mask": obj, "noise_mask": noise, "shortcut_mask": marker,
+        "object_class": shows, "cue_class": cue,
+    }  # fmt: skip
 
 
 class ShapesDataset(Dataset):
     """``length`` planted-object images; normalized to mean 0.5, std 0.5 per channel (timm's ViT default)."""
 
-    def __init__(self, length: int, spec: ShapesSpec = ShapesSpec(), id_offset: int = 0) -> None:
+    def __init__(self, length: int, spec: ShapesSpec = ShapesSpec(), id_offset: int = 0, train: bool = True) -> None:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        self.length, self.spec, self.id_offset = length, spec, id_offset
+        self.length, self.spec, self.id_offset, self.train = length, spec, id_offset, train
 
     def __len__(self) -> int:
         return self.length
@@ -102,12 +147,13 @@ class ShapesDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         sample_id = self.id_offset + index
-        item = render(self.spec, sample_id)
+        item = render(self.spec, sample_id, self.train)
         image = (torch.from_numpy(item["image"]) - 0.5) / 0.5
-        mask = torch.from_numpy(item["mask"].astype(np.float32))
-        out = (image, item["label"], mask, sample_id)
-        if self.spec.noise_squares:
+        out = (image, item["label"], torch.from_numpy(item["mask"].astype(np.float32)), sample_id)
+        if self.spec.noise_squares or self.spec.shortcut_size:
             out = (*out, torch.from_numpy(item["noise_mask"].astype(np.float32)))
+        if self.spec.shortcut_size:
+            out = (*out, torch.from_numpy(item["shortcut_mask"].astype(np.float32)))
         return out
 
 
@@ -126,9 +172,15 @@ class ShapesDataModule(L.LightningDataModule):
         noise_square_size: int = 8,
         seed: int = 0,
         num_workers: int = 0,
+        shortcut_size: int = 0,
+        shortcut_leak: float = 1.0,
+        shortcut_honest: float = 1.0,
     ) -> None:
         super().__init__()
-        self.spec = ShapesSpec(image_size, num_classes, object_fraction, noise_squares, noise_square_size, seed)
+        self.spec = ShapesSpec(
+            image_size, num_classes, object_fraction, noise_squares, noise_square_size, seed, shortcut_size,
+            shortcut_leak, shortcut_honest,
+        )  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.train_size, self.val_size, self.batch_size, self.num_workers = (
@@ -140,8 +192,8 @@ class ShapesDataModule(L.LightningDataModule):
         self.num_classes = num_classes
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = ShapesDataset(self.train_size, self.spec, id_offset=0)
-        self.val_set = ShapesDataset(self.val_size, self.spec, id_offset=10_000_000)
+        self.train_set = ShapesDataset(self.train_size, self.spec, id_offset=0, train=True)
+        self.val_set = ShapesDataset(self.val_size, self.spec, id_offset=10_000_000, train=False)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)
