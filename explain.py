@@ -5,7 +5,8 @@ python explain.py ckpt_path=... images=/path/to/pngs                            
 python explain.py ckpt_path=... data=image_folder data.root=/data/imagenette data.num_classes=10
 
 Writes into the run folder: ``attnreg/*.png`` (titled pictures), ``metrics.csv``, ``explain_stats.json``
-(per-image statistics) and ``attnreg_report.html``.
+(per-image statistics), ``explain_summary.json`` (the headline values with their 95% intervals over the images)
+and ``attnreg_report.html``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.config import register_configs
 from attnreg_lightning.data.folder import ImageFiles
 from attnreg_lightning.models import HFViTClassifier, ImageClassifier, ViTClassifier
+from attnreg_lightning.sanity import describe as describe_sanity
+from attnreg_lightning.sanity import intervals as sanity_intervals
 
 register_configs()
 
@@ -98,16 +101,29 @@ def explain(cfg: DictConfig) -> Path:
         row.update({k: v for k, v in by_id.get(row["id"], {}).items() if k != "id"})
     if sanity:
         callback.history[-1].update({f"{attnreg.name}/{k}": v for k, v in sanity.items()})
+        spans = {f"{attnreg.name}/{k}": list(v) for k, v in sanity_intervals(sanity).items()}  # over the draws
+        callback.history[-1].setdefault("intervals", {}).update(spans)
     if files is not None:
         for row in stats:
             row["path"] = str(files.paths[row["id"]])
     (output_dir / "explain_stats.json").write_text(json.dumps(stats, indent=2))
+    # the run's headline values with their 95% intervals over the images (the report's table, as JSON)
+    from attnreg_lightning.report import headline_summary
+
+    run = callback.history[-1] if callback.history else {}
+    summary = {
+        "stage": run.get("stage"),
+        "ci95": "95% interval over the explained images (docs/method.md, section 10); null: none (counts, sanity)",
+        "metrics": headline_summary(run, attnreg.name),
+    }
+    (output_dir / "explain_summary.json").write_text(json.dumps(summary, indent=2))
     report = callback.write_report(output_dir / f"{attnreg.name}_report.html")
     print(f"\nexplained {len(stats)} image(s) of {cfg.ckpt_path}")
     print(f"  pictures: {output_dir / attnreg.name}\n  per-image statistics: {output_dir / 'explain_stats.json'}")
+    print(f"  headline values with 95% intervals: {output_dir / 'explain_summary.json'}")
     print(f"  report: {report}")
-    for key, value in sanity.items():
-        print(f"  {key}: {value:.3f} (model randomization: near 1, the maps ignore the last block's weights)")
+    for line in describe_sanity(sanity):
+        print(f"  {line}")
     return report
 
 

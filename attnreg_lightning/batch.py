@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 _FALLBACK_ID_STRIDE = 1 << 40  # ids made up per rank when the batch carries none
+REGIONS = ("roi", "noise", "shortcut")
+"""The regions a batch can mark, by name: the object (the region of interest), planted noise, a shortcut cue."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from attnreg_lightning.attention import check_model, num_heads, reads_logits, resolve_vit
 from attnreg_lightning.batch import (
+    REGIONS,
     BatchView,
     RowPicker,
     check_masks,
@@ -34,13 +35,13 @@ from attnreg_lightning.config import AttnRegConfig
 from attnreg_lightning.engine import AttentionRegularizer, statistics_device
 from attnreg_lightning.faithfulness import classifier_forward, faithfulness
 from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, wants_png, warn_unknown
-from attnreg_lightning.metrics import MeanScores
+from attnreg_lightning.metrics import MeanScores, token_mask
 from attnreg_lightning.pictures import PictureBook, PictureRow
 from attnreg_lightning.probes import ProbeBook
 from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.report import write_report
 from attnreg_lightning.run_metrics import RunMetrics, image_rows, quiet_compute
-from attnreg_lightning.sanity import SANITY_KEYS, map_spearman, randomized_last_block
+from attnreg_lightning.sanity import draw_keys, intervals, model_randomization, per_draw_scores, per_image, summarize
 
 __all__ = ["AttentionRegularizationCallback", "BatchView", "default_batch_to_images"]
 
@@ -54,6 +55,7 @@ class _Job:
     images: Tensor  # on the model's device
     masks: Tensor | None
     noise_masks: Tensor | None
+    shortcut_masks: Tensor | None
     shown: Tensor | None  # the images to draw (a host copy with background statistics), None if none will be
 
 
@@ -108,7 +110,8 @@ class AttentionRegularizationCallback(Callback):
         self.config = config if config is not None else AttnRegConfig(**knobs)
         self._batch_to_images = batch_to_images or default_batch_to_images
         self.engine: AttentionRegularizer | None = None
-        self.run_metrics = RunMetrics(self.config.maps, self.config.faithfulness, self.config.faithfulness_maps)
+        cfg = self.config
+        self.run_metrics = RunMetrics(cfg.maps, cfg.faithfulness, cfg.faithfulness_maps, cfg.faithfulness_regions)
         self._classify: Callable[[Tensor], Tensor] | None = None  # images -> logits, for faithfulness
         self.num_heads: int | None = None
         self.probes = ProbeBook(self.config.probe_ids)
@@ -130,6 +133,7 @@ class AttentionRegularizationCallback(Callback):
         self._pending: deque[tuple[Future[None], _Job]] = deque()
         self._drawing: deque[tuple[Future[None], _Job]] = deque()  # inline statistics: pictures being drawn
         self._failed_images = 0  # counted on the training thread, added to the metrics once the run's jobs are done
+        self._fixed_k_jobs: list[tuple[Tensor, Tensor, Tensor, list[int], tuple[int, int]]] = []  # scored at run end
         self._sanity_images: dict[int, Tensor] = {}  # a few probes' images (host), for the sanity check
         self.sanity_rows: list[dict[str, float]] = []  # the last sanity check's per-image values on this rank
 
@@ -226,6 +230,7 @@ class AttentionRegularizationCallback(Callback):
         self._pending.clear()
         self._drawing.clear()
         self._failed_images = 0
+        self._fixed_k_jobs = []
         self.run_metrics.reset("cpu" if self._background else statistics_device(pl_module.device))
 
     @override
@@ -252,10 +257,12 @@ class AttentionRegularizationCallback(Callback):
         size = view.images.shape[0]
         images = take_rows(view.images, rows, size).to(pl_module.device)
         masks, noise = take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size)
-        job = _Job(batch_idx, ids, images, masks, noise, images if trainer.is_global_zero else None)
+        shortcut = take_rows(view.shortcut_masks, rows, size)
+        job = _Job(batch_idx, ids, images, masks, noise, shortcut, images if trainer.is_global_zero else None)
         try:
             check_masks(job.masks, images, "masks")
             check_masks(job.noise_masks, images, "noise masks")
+            check_masks(job.shortcut_masks, images, "shortcut masks")
             if self._background:
                 self._submit(trainer, job)
             else:
@@ -269,10 +276,12 @@ class AttentionRegularizationCallback(Callback):
         thread, in the order submitted, so the run's values are those of the inline path. The images go along only
         while a picture may still be drawn of them."""
         drawn = job.shown is not None and len(self.pictures.rows) < self.pictures.limit
-        carry = (job.masks, job.noise_masks, job.shown if drawn else None)
+        carry = (job.masks, job.noise_masks, job.shortcut_masks, job.shown if drawn else None)
 
-        def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, shown: Tensor | None):
-            self._record(trainer, dataclasses.replace(job, masks=masks, noise_masks=noise, shown=shown), reg)
+        def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, shortcut: Tensor | None,
+                   shown: Tensor | None):  # fmt: skip
+            copied = dataclasses.replace(job, masks=masks, noise_masks=noise, shortcut_masks=shortcut, shown=shown)
+            self._record(trainer, copied, reg)
 
         self._pending.append((self.engine.submit(job.images, job.ids, then=record, carry=carry), job))
 
@@ -307,7 +316,7 @@ class AttentionRegularizationCallback(Callback):
             raise ValueError(
                 f"{self.prefix}: {bad} degenerate image(s) (constant or non-finite) in batch {job.batch_idx}"
             )
-        scores = self.run_metrics.update(reg, job.masks, job.noise_masks)
+        scores = self.run_metrics.update(reg, job.masks, job.noise_masks, job.shortcut_masks)
         if scores is None:
             return
         valid_rows = valid.nonzero().flatten()
@@ -353,31 +362,75 @@ class AttentionRegularizationCallback(Callback):
             host = job.images[torch.tensor([row for row, _ in kept], device=job.images.device)].cpu()  # one copy
             self._sanity_images.update({sample_id: image for (_, sample_id), image in zip(kept, host, strict=True)})
 
-    def _faithfulness(self, job: _Job, reg: RegularizedAttention, rows: Tensor) -> dict[str, Tensor]:
-        """The valid images' faithfulness scores (in ``scores``' order and device), into the run's metrics."""
-        device = job.images.device
-        index = rows.to(device)
-        amp = self.engine.autocast_dtype
-        classify = self._classify
+    def _forward(self, device: torch.device) -> Callable[[Tensor], Tensor]:
+        """The classifier's forward under the engine's autocast, for the faithfulness scores."""
+        amp, classify = self.engine.autocast_dtype, self._classify
 
         def forward(images: Tensor) -> Tensor:
             with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
                 return classify(images)
 
+        return forward
+
+    def _faithfulness(self, job: _Job, reg: RegularizedAttention, rows: Tensor) -> dict[str, Tensor]:
+        """The valid images' faithfulness scores (in ``scores``' order and device), into the run's metrics; what
+        their fixed-k baseline needs is kept for the run's end, when the run's kept fractions are known."""
+        device = job.images.device
+        index = rows.to(device)
         cfg = self.config
         needed = list(cfg.faithfulness_maps) + (["posterior"] if cfg.faithfulness == "curves" else [])
+        images, attention = job.images.index_select(0, index), reg.attention.index_select(0, rows)
+        ids = [job.ids[i] for i in rows.tolist()]
+        marked = dict(zip(REGIONS, (job.masks, job.noise_masks, job.shortcut_masks), strict=True))
+        regions = {
+            name: token_mask(marked[name].to(device), reg.grid).index_select(0, index)
+            for name in cfg.faithfulness_regions
+            if marked[name] is not None
+        }
         result = faithfulness(
-            forward,
-            job.images.index_select(0, index),
-            reg.attention.index_select(0, rows),
+            self._forward(device),
+            images,
+            attention,
             {m: reg.maps[m].index_select(0, rows) for m in needed},
             reg.grid,
-            [job.ids[i] for i in rows.tolist()],
+            ids,
+            regions=regions,
             clean_logits=None if reg.logits is None else reg.logits.index_select(0, rows),
             **cfg.faithfulness_kwargs(),
         )
         self.run_metrics.update_faithfulness(result.scores, result.undefined)
+        self.run_metrics.update_kept({m: reg.maps[m].index_select(0, rows) for m in cfg.faithfulness_maps})
+        self._fixed_k_jobs.append((images, attention, result.clean_logits, ids, reg.grid))
         return {k: v.to(rows.device, torch.float64) for k, v in result.scores.items()}
+
+    def _score_fixed_k(self, pl_module: L.LightningModule) -> None:
+        """The fixed-k baseline of each faithfulness map: every image's top ``round(kappa T)`` raw tokens, ``kappa``
+        the map's mean kept fraction over the run's explained images on all ranks (a collective: every rank calls
+        it), scored on the training thread once the run's jobs are done."""
+        if self._classify is None or self.config.faithfulness == "off":
+            return
+        kappa = self.run_metrics.kept_fractions(statistics_device(pl_module.device))
+        jobs, self._fixed_k_jobs = self._fixed_k_jobs, []
+        if not kappa:
+            return
+        rows = {row["id"]: row for row in self.image_stats}
+        kwargs = {**self.config.faithfulness_kwargs(), "mode": "kept", "kept_maps": ()}
+        for images, attention, logits, ids, grid in jobs:
+            try:
+                result = faithfulness(
+                    self._forward(images.device), images, attention, {}, grid, ids, fixed_k=kappa,
+                    clean_logits=logits, **kwargs,
+                )  # fmt: skip
+            except Exception as err:
+                if self.config.on_error == "raise":
+                    raise
+                rank_zero_warn(f"{self.prefix}: could not score the fixed-k baseline of {len(ids)} image(s): {err}")
+                continue
+            self.run_metrics.update_faithfulness(result.scores, {})
+            listed = {k: v.tolist() for k, v in result.scores.items()}
+            for j, sample_id in enumerate(ids):
+                if sample_id in rows:
+                    rows[sample_id].update({k: v[j] for k, v in listed.items()})
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -385,6 +438,7 @@ class AttentionRegularizationCallback(Callback):
             return
         self._collect(wait=True)
         self.run_metrics.count_failed(self._failed_images)
+        self._score_fixed_k(pl_module)
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
         results = self.run_metrics.compute(statistics_device(pl_module.device))
         values = {f"{self.prefix}/{k}": v.float() for k, v in results.items()}
@@ -392,6 +446,10 @@ class AttentionRegularizationCallback(Callback):
         # "use sync_dist=True" warning) off, while every rank still logs the same value.
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
         self.history.append({"stage": _stage(trainer), **{k: float(v) for k, v in values.items()}})
+        # the values' 95% intervals over images (computed with them; JSON-like, since the history is checkpointed;
+        # rows of older checkpoints have none)
+        intervals = self.run_metrics.intervals()
+        self.history[-1]["intervals"] = {f"{self.prefix}/{k}": [lo, hi] for k, (lo, hi) in intervals.items()}
         degenerate, fit_failed = int(results["skipped_degenerate"]), int(results["lfdr_fit_failed"])
         self.explained_total += int(results["explained"])
         self.skipped_total += degenerate + int(results["skipped_error"])
@@ -451,30 +509,32 @@ class AttentionRegularizationCallback(Callback):
 
     def sanity_check(self, pl_module: L.LightningModule) -> dict[str, float]:
         """Model randomization (:mod:`attnreg_lightning.sanity`): the last explained probes (up to
-        ``SANITY_IMAGES`` per rank) explained by the model and by a copy whose last block is re-initialized; the
-        mean Spearman correlation of their raw and lfdr maps, over all ranks (a collective: every rank calls it).
-        Per-image values of this rank in :attr:`sanity_rows`."""
-        metric = MeanScores(SANITY_KEYS)
+        ``SANITY_IMAGES`` per rank) explained by the model and by ``sanity_draws`` independent re-initializations of
+        its last block (in a copy; the same nulls). Per map (raw, lfdr): the mean over draws of each draw's mean
+        Spearman correlation over the probes of all ranks, the sd of those per-draw means (``_sd``) and how many
+        draws gave one (``_draws``); a collective: every rank calls it. Per-image values of this rank (means over
+        the draws) in :attr:`sanity_rows`."""
+        draws = self.config.sanity_draws
+        metric = MeanScores(draw_keys(draws))  # one mean per draw, over every rank's probes
         self.sanity_rows = []
         try:  # whatever happens on this rank, every rank reaches the reduction below (no rank left waiting)
-            randomized = randomized_last_block(pl_module, self.config.seed) if self._sanity_images else None
-            if self._sanity_images and randomized is None:
-                rank_zero_warn(f"{self.prefix}.sanity_check: the model's last block is not known, so it is not checked")
-            if randomized is not None:
+            if self._sanity_images:
                 ids = sorted(self._sanity_images)
                 images = torch.stack([self._sanity_images[i] for i in ids]).to(pl_module.device)
-                randomized_engine = self._new_engine(randomized)
-                rho = map_spearman(self.engine(images, ids), randomized_engine(images, ids))
-                values = {SANITY_KEYS[0]: rho["raw"], SANITY_KEYS[1]: rho["lfdr"]}
-                metric.update(values)
-                self.sanity_rows = image_rows(values, ids)
+                seed = self.config.seed
+                rho = model_randomization(pl_module, self.engine, self._new_engine, images, ids, seed, draws)
+                if rho is None:
+                    rank_zero_warn(f"{self.prefix}.sanity_check: the model's last block is not known, so it is not run")
+                else:
+                    metric.update(per_draw_scores(rho))
+                    self.sanity_rows = image_rows(per_image(rho), ids)
         except Exception as err:
             if self.config.on_error == "raise":
                 raise
             message = f"{self.prefix}.sanity_check failed on this rank, its probes are left out: {err}"
             warnings.warn(message, stacklevel=2)
         results = quiet_compute(metric.to(statistics_device(pl_module.device)))
-        return {k: float(v) for k, v in results.items() if torch.isfinite(v)}
+        return summarize({k: float(v) for k, v in results.items() if torch.isfinite(v)}, draws)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -488,6 +548,9 @@ class AttentionRegularizationCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)
             self.history[-1].update(logged)
+            # the means' 95% intervals over draws, where the report and explain_summary.json look for intervals
+            spans = {f"{self.prefix}/{k}": list(v) for k, v in intervals(sanity).items()}
+            self.history[-1].setdefault("intervals", {}).update(spans)
         evolution = self.evolution_pictures()
         if evolution:
             log_evolution(trainer.loggers, evolution, trainer.global_step, self.prefix)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from attnreg_lightning.batch import REGIONS
 from attnreg_lightning.bootstrap import NORMALIZATIONS, available_methods
 from attnreg_lightning.faithfulness import BASELINES, KEPT_MAPS, MODES
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds
@@ -55,8 +56,13 @@ class AttnRegConfig:
     (comprehensiveness and sufficiency of each of ``faithfulness_maps`` against top-k and random token sets of the
     same size) or ``curves`` (also deletion and insertion AUCs of the raw and posterior maps, ``faithfulness_steps``
     steps); a removed token's pixels become ``faithfulness_baseline`` (``mean``, ``blur`` or ``zeros``).
+    ``faithfulness_regions``: the marked regions (of ``roi``, ``noise``, ``shortcut``) whose reliance is scored when
+    a batch carries their masks: the predicted class's probability drop when the region's tokens are removed,
+    beside as many random tokens (2 forwards per image and region).
     ``sanity_check``: at a fit's end, up to 16 probes per rank explained again by a copy of the model whose last block
-    is re-initialized, and the maps compared (:mod:`attnreg_lightning.sanity`).
+    is re-initialized, ``sanity_draws`` times independently, and the maps compared: the mean over draws and its spread
+    (every draw's raw maps, one forward per probe; the first ``ceil(sanity_draws / 8)`` draws' lfdr maps, ``N + 1``
+    forwards per probe; :mod:`attnreg_lightning.sanity`).
     ``name`` prefixes every logged key and names the callback's checkpoint state (two callbacks in one Trainer
     need two names).
     """
@@ -88,7 +94,9 @@ class AttnRegConfig:
     faithfulness_maps: list[str] = field(default_factory=lambda: ["lfdr"])
     faithfulness_steps: int = 8
     faithfulness_baseline: str = "mean"
+    faithfulness_regions: list[str] = field(default_factory=lambda: ["shortcut"])
     sanity_check: bool = True
+    sanity_draws: int = 128
     name: str = "attnreg"
 
     def __post_init__(self) -> None:
@@ -188,7 +196,18 @@ class AttnRegConfig:
             self.faithfulness_baseline,
             f"choose one of {list(BASELINES)}",
         )
+        if isinstance(self.faithfulness_regions, str):
+            self.faithfulness_regions = [self.faithfulness_regions]
+        _require(
+            all(r in REGIONS for r in self.faithfulness_regions),
+            "faithfulness_regions",
+            list(self.faithfulness_regions),
+            f"need regions among {list(REGIONS)} (or [] for none)",
+        )
         _require(isinstance(self.sanity_check, bool), "sanity_check", self.sanity_check, "need true or false")
+        _require(
+            _is_int(self.sanity_draws) and self.sanity_draws >= 1, "sanity_draws", self.sanity_draws, "need an int >= 1"
+        )
         _require(
             isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             "name",

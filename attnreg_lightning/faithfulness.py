@@ -20,11 +20,20 @@ Definitions (per image):
 - For a thresholded map ``m`` (``p``, ``lfdr``, ``pi0``, ``q``), ``S`` is the set of tokens with ``m > 0`` and
   ``k = |S|``; ``comprehensiveness = P_c(x) - P_c(x with S removed)`` and
   ``sufficiency = P_c(x) - P_c(x with only S kept)`` (every other token removed). The same two numbers are given
-  for two size-matched sets: ``topk@m`` (the ``k`` tokens of highest raw attention, ties to the lower token
-  index) and ``random@m`` (the ``k`` tokens with the smallest keys of :func:`token_keys`, a function of the
-  seed, the sample id and the token index only: the same image with the same id draws the same tokens in any
-  batch, at any position, on any device). An image with ``k = 0`` or ``k = T`` has no such question: its six
-  values for that map are NaN and it is counted in ``undefined[m]``.
+  for two baselines: ``fixed_k_top@m``, each image's ``round(kappa T)`` tokens of highest raw attention (ties to
+  the lower token index) with one ``kappa`` for every image (the caller's: the callback gives the run's mean kept
+  fraction of ``m``), and ``same_k_random@m``, the ``k`` tokens with the smallest keys of :func:`token_keys` (a
+  function of the seed, the sample id and the token index only: the same image with the same id draws the same
+  tokens in any batch, at any position, on any device). A size-matched top-k set is no baseline: within an image
+  z, p, q and the pi0 cut are monotone in the raw attention, so ``m`` keeps that image's top-k tokens and such a
+  set IS ``S``; what the method adds over raw attention is the per-image choice of ``k``, which ``fixed_k_top@m``
+  takes away. An image with ``k = 0`` or ``k = T`` has no such question: its values for ``m`` and
+  ``same_k_random@m`` are NaN and it is counted in ``undefined[m]``; ``fixed_k_top@m`` is NaN for every image
+  when ``round(kappa T)`` is ``0`` or ``T``.
+- For a marked region ``r`` (a token mask: the object ``roi``, planted ``noise``, a suspected ``shortcut`` cue),
+  ``reliance = P_c(x) - P_c(x with r's tokens removed)``: how much the prediction depends on the region, whatever
+  attention puts there (a model can lean on a cue it attends little to). Beside it ``same_k_random@r``: as many
+  random tokens (the keys above). An image with no region token, or only region tokens, has NaN values.
 - Deletion and insertion curves of the continuous maps ``raw`` (the attention) and ``posterior``, with
   ``K = steps``: tokens are ordered by the map's value, descending, ties by raw attention, descending, then by
   token index. At step ``j = 0..K`` the first ``m_j = round(j T / K)`` tokens in that order (Python's ``round``:
@@ -37,7 +46,8 @@ Definitions (per image):
   NaN areas (and NaN curves).
 
 Cost: each distinct perturbed image of an image is forwarded once. Two sets that hold the same tokens for an image
-(its ``topk@lfdr`` set and its ``lfdr`` set, two maps' curve steps, ...) share one forward, a set that keeps every
+(its ``fixed_k_top@lfdr`` set and its ``lfdr`` set where the image keeps ``round(kappa T)`` tokens, two maps'
+curve steps, ...) share one forward, a set that keeps every
 token is the clean image, and an undefined value costs none. The clean forward itself is saved when the caller
 gives its logits (the engine's ``classify=True`` reads them in the forward that reads the attention).
 """
@@ -45,7 +55,7 @@ gives its logits (the engine's ``classify=True`` reads them in the forward that 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,14 +71,16 @@ BASELINES = ("mean", "blur", "zeros")
 KEPT_MAPS = ("p", "lfdr", "pi0", "q")
 CURVE_MAPS = ("raw", "posterior")
 FAITHFUL_KINDS = ("comprehensiveness", "sufficiency")
+FIXED_K, SAME_K_RANDOM = "fixed_k_top@", "same_k_random@"
 _MASK64 = (1 << 64) - 1
 
 
-def faithfulness_keys(mode: str, maps: Sequence[str]) -> tuple[list[str], list[str]]:
+def faithfulness_keys(mode: str, maps: Sequence[str], regions: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """The faithfulness scores' keys and the counts of images undefined for each map (``mode`` off: none)."""
     if mode == "off":
         return [], []
-    scores = [f"{who}{m}/{what}" for m in maps for who in ("", "topk@", "random@") for what in FAITHFUL_KINDS]
+    scores = [f"{who}{m}/{what}" for m in maps for who in ("", FIXED_K, SAME_K_RANDOM) for what in FAITHFUL_KINDS]
+    scores += [f"{who}{r}/reliance" for r in regions for who in ("", SAME_K_RANDOM)]
     if mode == "curves":
         scores += [f"{m}/{curve}_auc" for m in CURVE_MAPS for curve in ("deletion", "insertion")]
     return scores, [f"{m}/faithfulness_undefined" for m in maps]
@@ -76,15 +88,17 @@ def faithfulness_keys(mode: str, maps: Sequence[str]) -> tuple[list[str], list[s
 
 @dataclass
 class FaithfulnessResult:
-    """Per-image float64 ``[B]`` scores keyed ``"<map>/comprehensiveness"``, ``"topk@<map>/sufficiency"``, ...,
-    ``"raw/deletion_auc"``, ...; the curves themselves ``[B, K + 1]`` keyed ``"raw/deletion"``, ...; per kept map
-    the number of images it leaves undefined; the predicted class ``c`` and ``P_c`` of the clean images."""
+    """Per-image float64 ``[B]`` scores keyed ``"<map>/comprehensiveness"``, ``"fixed_k_top@<map>/sufficiency"``,
+    ..., ``"raw/deletion_auc"``, ...; the curves themselves ``[B, K + 1]`` keyed ``"raw/deletion"``, ...; per kept
+    map the number of images it leaves undefined; the predicted class ``c``, ``P_c`` and the logits of the clean
+    images."""
 
     scores: dict[str, Tensor]
     curves: dict[str, Tensor]
     undefined: dict[str, int]
     predicted: Tensor
     p_clean: Tensor
+    clean_logits: Tensor
 
 
 def classifier_forward(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
@@ -253,6 +267,8 @@ def _check(
     baseline: str,
     max_images: int,
     clean_logits: Tensor | None,
+    fixed_k: Mapping[str, float] | None,
+    regions: Mapping[str, Tensor] | None,
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
@@ -285,6 +301,14 @@ def _check(
             raise ValueError(f"kept_maps: {name!r} is not a thresholded map; choose among {list(KEPT_MAPS)}")
         if name not in maps:
             raise ValueError(f"kept_maps: {name!r} is not among the maps given ({sorted(maps)})")
+    for name, kappa in (fixed_k or {}).items():
+        if name not in KEPT_MAPS:
+            raise ValueError(f"fixed_k: {name!r} is not a thresholded map; choose among {list(KEPT_MAPS)}")
+        if not (isinstance(kappa, (int, float)) and 0 <= kappa <= 1):
+            raise ValueError(f"fixed_k[{name!r}] must be a kept fraction in [0, 1], got {kappa!r}")
+    for name, region in (regions or {}).items():
+        if region.shape != attention.shape or region.dtype != torch.bool:
+            raise ValueError(f"regions[{name!r}] must be a bool token mask of shape {tuple(attention.shape)}")
     if mode == "curves" and "posterior" not in maps:
         raise ValueError(f"mode='curves' needs maps['posterior'] (maps given: {sorted(maps)})")
     if ids.dim() != 1 or len(ids) != b:
@@ -304,14 +328,19 @@ def faithfulness(
     *,
     mode: str = "kept",
     kept_maps: Sequence[str] = ("lfdr",),
+    fixed_k: Mapping[str, float] | None = None,
+    regions: Mapping[str, Tensor] | None = None,
     steps: int = 8,
     baseline: str = "mean",
     seed: int = 0,
     max_images_per_forward: int = 256,
     clean_logits: Tensor | None = None,
 ) -> FaithfulnessResult:
-    """Comprehensiveness and sufficiency of the ``kept_maps`` and of their size-matched ``topk`` / ``random``
-    sets; ``mode="curves"`` adds the deletion and insertion curves of ``raw`` and ``posterior`` (module docstring).
+    """Comprehensiveness and sufficiency of the ``kept_maps`` and of their size-matched random sets, and of the
+    fixed-k top sets of ``fixed_k`` (``{map: kappa}``, a map there need not be among ``maps``: the images' top
+    ``round(kappa T)`` raw tokens); the reliance on each of ``regions`` (``{name: bool token mask [B, T]}``) beside
+    as many random tokens; ``mode="curves"`` adds the deletion and insertion curves of ``raw`` and
+    ``posterior`` (module docstring).
 
     ``forward`` maps images to logits (:func:`classifier_forward`); ``images [B, C, H, W]`` are the model's
     inputs, ``attention`` and ``maps`` ``[B, T]`` (moved to the images' device), ``grid`` the token grid,
@@ -319,7 +348,10 @@ def faithfulness(
     ``images``, saving that forward. Every forward sees at most ``max_images_per_forward`` images.
     """
     ids = torch.as_tensor(sample_ids, dtype=torch.int64)
-    _check(images, attention, maps, grid, ids, mode, kept_maps, steps, baseline, max_images_per_forward, clean_logits)
+    _check(
+        images, attention, maps, grid, ids, mode, kept_maps, steps, baseline, max_images_per_forward, clean_logits,
+        fixed_k, regions,
+    )  # fmt: skip
     device = images.device
     ids = ids.to(device)
     attention = attention.to(device)
@@ -328,7 +360,8 @@ def faithfulness(
     block = (images.shape[-2] // grid[0], images.shape[-1] // grid[1])
     if clean_logits is None:
         clean_logits = torch.cat([forward(chunk) for chunk in rechunk([images], max_images_per_forward)])
-    clean = clean_logits.to(device, torch.float64).softmax(dim=-1)
+    clean_logits = clean_logits.to(device)
+    clean = clean_logits.to(torch.float64).softmax(dim=-1)
     predicted = clean.argmax(dim=1)
     p_clean = clean.gather(1, predicted[:, None])[:, 0]
 
@@ -340,11 +373,25 @@ def faithfulness(
         kept = maps[name] > 0
         k = kept.sum(dim=1)
         undefined[name] = (k == 0) | (k == t)
-        topk, drawn = top_tokens(attention, k), random_tokens(seed, ids, k, t)
-        for label, s in ((name, kept), (f"topk@{name}", topk), (f"random@{name}", drawn)):
+        for label, s in ((name, kept), (f"{SAME_K_RANDOM}{name}", random_tokens(seed, ids, k, t))):
             keeps[f"{label}/removed"] = ~s
             keeps[f"{label}/only"] = s
             wanted[f"{label}/removed"] = wanted[f"{label}/only"] = ~undefined[name]
+    fixed = {}  # [B]: the images whose fixed-k value is defined (all or none: k is the same for every image)
+    for name, kappa in (fixed_k or {}).items():
+        k = round(kappa * t)
+        label = f"{FIXED_K}{name}"
+        top = top_tokens(attention, torch.full((b,), k, device=device))
+        fixed[label] = torch.full((b,), 0 < k < t, device=device) & torch.isfinite(attention).all(dim=1)
+        keeps[f"{label}/removed"], keeps[f"{label}/only"] = ~top, top
+        wanted[f"{label}/removed"] = wanted[f"{label}/only"] = fixed[label]
+    for name, region in (regions or {}).items():
+        region = region.to(device)
+        k = region.sum(dim=1)
+        undefined[f"region:{name}"] = (k == 0) | (k == t)
+        for label, s in ((name, region), (f"{SAME_K_RANDOM}{name}", random_tokens(seed, ids, k, t))):
+            keeps[f"{label}/removed"] = ~s
+            wanted[f"{label}/removed"] = ~undefined[f"region:{name}"]
     if mode == "curves":
         counts = [round(j * t / steps) for j in range(steps + 1)]
         usable = {}
@@ -370,10 +417,15 @@ def faithfulness(
 
     scores: dict[str, Tensor] = {}
     nan = torch.full_like(p_clean, float("nan"))
-    for name in kept_maps:
-        for label in (name, f"topk@{name}", f"random@{name}"):
-            for metric, kind in (("comprehensiveness", "removed"), ("sufficiency", "only")):
-                scores[f"{label}/{metric}"] = torch.where(undefined[name], nan, p_clean - probs[f"{label}/{kind}"])
+    labels = [(label, undefined[name]) for name in kept_maps for label in (name, f"{SAME_K_RANDOM}{name}")]
+    labels += [(label, ~defined) for label, defined in fixed.items()]
+    for label, nan_where in labels:
+        for metric, kind in (("comprehensiveness", "removed"), ("sufficiency", "only")):
+            scores[f"{label}/{metric}"] = torch.where(nan_where, nan, p_clean - probs[f"{label}/{kind}"])
+    for name in regions or {}:
+        for label in (name, f"{SAME_K_RANDOM}{name}"):
+            removed = probs[f"{label}/removed"]
+            scores[f"{label}/reliance"] = torch.where(undefined[f"region:{name}"], nan, p_clean - removed)
     curves: dict[str, Tensor] = {}
     if mode == "curves":
         for name in CURVE_MAPS:
@@ -389,7 +441,8 @@ def faithfulness(
     return FaithfulnessResult(
         scores=scores,
         curves=curves,
-        undefined={name: int(u.sum()) for name, u in undefined.items()},
+        undefined={name: int(u.sum()) for name, u in undefined.items() if not name.startswith("region:")},
         predicted=predicted,
         p_clean=p_clean,
+        clean_logits=clean_logits,
     )

@@ -1,21 +1,42 @@
 """Sparsity, shrinkage, localisation and calibration of regularized attention, as torchmetrics.
 
-Functional core first (per-image scores from a :class:`RegularizedAttention`), then three small ``Metric``
-classes whose states reduce by sum, so a DDP run reports what one process over the same images would.
+Functional core first (per-image scores from a :class:`RegularizedAttention`, and 95% intervals from sums),
+then small ``Metric`` classes whose states reduce by sum, so a DDP run reports what one process over the same
+images would, intervals included.
+
+Intervals (``intervals()``/``interval()`` of the metrics, each ``[lo, hi]``, over images, ``n`` the images that
+have the value, ``t`` the two-sided 95% Student-t value with ``n - 1`` degrees of freedom; none for ``n < 2``):
+
+- a mean of per-image values (:class:`MeanScores`): ``mean +- t s / sqrt(n)``, ``s`` the sample standard deviation
+  (:func:`mean_interval`, from the sum, the sum of squares and the count);
+- a ratio of sums pooled over images, ``R = sum y / sum x`` (:class:`RegionShares`): the delta method (the ratio
+  estimator's linearization), ``R +- t sqrt(sum (y_i - R x_i)^2 / (n (n - 1))) / mean x``, from the sums of
+  ``y^2``, ``x^2`` and ``x y`` (:func:`ratio_interval`); a share's interval is clipped to [0, 1];
+- the top-k baseline's F1 (:class:`TopKBaseline`): the mean interval of the images' F1 at the curve's point
+  (linear interpolation of two points: sums of squares and of neighbouring products), ``k`` held at the run's
+  value (:func:`curve_interval`);
+- the null calibration's sRMSD (:class:`NullCalibration`): the delta method on the pooled ECDF (a vector ratio of
+  sums over images) with the sign held, from the per-image ECDF counts' sums of outer products
+  (:func:`signed_rmsd_interval`); rough near 0, where the RMSD, a norm, is not smooth.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from attnreg_lightning.batch import REGIONS
 from attnreg_lightning.regularize import RegularizedAttention
 
 QUANTUS_EPS = 1e-7  # Quantus' Sparseness adds this before the Gini index
+LEVEL = 0.95  # the intervals' coverage
 
 
 def token_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -107,10 +128,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def score_keys(maps: Sequence[str]) -> list[str]:
     """Every key :func:`image_scores` can return for these maps (fixed, so all ranks hold the same states)."""
-    keys = ["pi0", "discoveries", "raw/gini", "raw/entropy", "raw/roi_percentile", "raw/noise_percentile"]
+    keys = ["pi0", "discoveries", "raw/gini", "raw/entropy", *(f"raw/{r}_percentile" for r in REGIONS)]
     for m in maps:
         keys += [f"{m}/sparsity", f"{m}/retained_mass", f"{m}/gini", f"{m}/entropy"]
-        keys += [f"{m}/roi_precision", f"{m}/roi_recall", f"{m}/roi_f1", f"{m}/roi_percentile", f"{m}/noise_percentile"]
+        keys += [f"{m}/roi_precision", f"{m}/roi_recall", f"{m}/roi_f1", *(f"{m}/{r}_percentile" for r in REGIONS)]
     return keys
 
 
@@ -135,9 +156,15 @@ def head_scores(reg: RegularizedAttention, heads: int) -> dict[str, Tensor]:
 
 
 def image_scores(
-    reg: RegularizedAttention, maps: Sequence[str], roi: Tensor | None = None, noise: Tensor | None = None
+    reg: RegularizedAttention,
+    maps: Sequence[str],
+    roi: Tensor | None = None,
+    noise: Tensor | None = None,
+    shortcut: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image scores ``[B]`` of valid images; ``roi``/``noise`` are token masks ``[B, T]`` when known."""
+    """Per-image scores ``[B]`` of valid images; ``roi``/``noise``/``shortcut`` are token masks ``[B, T]`` when
+    known."""
+    regions = {name: region for name, region in zip(REGIONS, (roi, noise, shortcut), strict=True) if region is not None}
     raw = reg.attention
     out = {
         "pi0": reg.significance.pi0,
@@ -145,9 +172,8 @@ def image_scores(
         "raw/gini": gini(raw),
         "raw/entropy": entropy(raw),
     }
-    for name, region in (("roi", roi), ("noise", noise)):
-        if region is not None:
-            out[f"raw/{name}_percentile"] = mean_percentile(raw, region)
+    for name, region in regions.items():
+        out[f"raw/{name}_percentile"] = mean_percentile(raw, region)
     sparsity, retained = reg.sparsity, reg.retained_mass
     for m in maps:
         values = reg.maps[m]
@@ -158,15 +184,148 @@ def image_scores(
         if roi is not None:
             p, r, f1 = precision_recall_f1(values > 0, roi)
             out.update({f"{m}/roi_precision": p, f"{m}/roi_recall": r, f"{m}/roi_f1": f1})
-            out[f"{m}/roi_percentile"] = mean_percentile(values, roi)
-        if noise is not None:
-            out[f"{m}/noise_percentile"] = mean_percentile(values, noise)
+        for name, region in regions.items():
+            out[f"{m}/{name}_percentile"] = mean_percentile(values, region)
     valid = reg.significance.valid
     return {k: v.to(torch.float64)[valid] for k, v in out.items()}
 
 
+def _t_within(t: float, df: int) -> float:
+    """``P(|T| <= t)`` for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4, finite series)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:  # odd: (2 / pi) (theta + sin cos (1 + 2/3 cos^2 + 2 4 / (3 5) cos^4 + ...)), df - 2 powers of cos
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * 2 * k / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+    term, total = 1.0, 1.0  # even: sin (1 + 1/2 cos^2 + 1 3 / (2 4) cos^4 + ...)
+    for k in range(1, df // 2):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+@functools.lru_cache(maxsize=4096)
+def t_quantile(df: int, level: float = LEVEL) -> float:
+    """The two-sided Student-t value ``t`` with ``P(|T| <= t) = level`` for ``df >= 1`` degrees of freedom (the
+    ``(1 + level) / 2`` quantile): bisection on the exact series for ``df <= 1000``, Cornish-Fisher's expansion in
+    ``1 / df`` (Abramowitz & Stegun 26.7.5, error below 1e-12 there) above."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    x = NormalDist().inv_cdf((1 + level) / 2)
+    if df > 1000:
+        g = (
+            (x**3 + x) / 4,
+            (5 * x**5 + 16 * x**3 + 3 * x) / 96,
+            (3 * x**7 + 19 * x**5 + 17 * x**3 - 15 * x) / 384,
+            (79 * x**9 + 776 * x**7 + 1482 * x**5 - 1920 * x**3 - 945 * x) / 92160,
+        )
+        return x + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
+    lo, hi = 0.0, max(2 * x, 1.0)
+    while _t_within(hi, df) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if _t_within(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _t_values(count: Tensor, level: float) -> Tensor:
+    """``t_quantile(n - 1)`` for each count ``n`` (NaN where ``n < 2``), like ``count``."""
+    t = [t_quantile(round(n) - 1, level) if n >= 2 else math.nan for n in count.flatten().tolist()]
+    return torch.tensor(t, dtype=torch.float64, device=count.device).view(count.shape)
+
+
+def _bounds(value: Tensor, half: Tensor) -> Tensor:
+    """``[..., 2]``: ``value - half``, ``value + half``."""
+    return torch.stack([value - half, value + half], -1)
+
+
+def mean_interval(total: Tensor, squares: Tensor, count: Tensor, level: float = LEVEL) -> Tensor:
+    """Student-t interval ``[..., 2]`` of a mean from sums over ``n = count`` values: ``mean +- t s / sqrt(n)``,
+    ``s^2 = (sum x^2 - (sum x)^2 / n) / (n - 1)``; NaN where ``n < 2``."""
+    total, squares, count = (v.to(torch.float64) for v in (total, squares, count))
+    mean = total / count
+    var = ((squares - total * mean) / (count - 1)).clamp_min(0)
+    return _bounds(mean, _t_values(count, level) * (var / count).sqrt())
+
+
+def ratio_interval(
+    num: Tensor, den: Tensor, num_sq: Tensor, den_sq: Tensor, cross: Tensor, count: Tensor, level: float = LEVEL
+) -> Tensor:
+    """Delta-method interval ``[..., 2]`` of a ratio of sums ``R = sum y / sum x`` over ``n = count`` images, from
+    ``num = sum y``, ``den = sum x``, ``num_sq = sum y^2``, ``den_sq = sum x^2``, ``cross = sum x y``:
+    ``R +- t sqrt(sum (y_i - R x_i)^2 / (n (n - 1))) / (sum x / n)``; NaN where ``n < 2``."""
+    r = num / den
+    residual = (num_sq - 2 * r * cross + r.square() * den_sq).clamp_min(0)
+    se = (residual / (count * (count - 1))).sqrt() / (den / count)
+    return _bounds(r, _t_values(count, level) * se)
+
+
+def signed_rmsd(hist: Tensor) -> Tensor:
+    """``sign(sum D) sqrt(mean D^2)``, ``D = ECDF(u) - u`` at the histogram's inner bin edges (NaN if empty)."""
+    total = hist.sum()
+    if total == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=hist.device)
+    d = hist.cumsum(0)[:-1] / total - torch.arange(1, hist.numel(), device=hist.device, dtype=hist.dtype) / hist.numel()
+    return torch.sign(d.sum()) * d.square().mean().sqrt()
+
+
+def signed_rmsd_interval(
+    hist: Tensor, outer: Tensor, cross: Tensor, n_sq: Tensor, images: Tensor, level: float = LEVEL
+) -> Tensor:
+    """Delta-method interval ``[2]`` of :func:`signed_rmsd` over images: the pooled ECDF ``F = sum h_i / sum n_i``
+    (``h_i`` an image's counts at or below each inner edge, ``n_i`` its count) is a vector ratio estimator, and
+    ``g(F) = sqrt(mean (F - u)^2)`` has gradient ``(F - u) / (J g)`` (``J`` inner edges); with ``psi_i = grad .
+    (h_i - F n_i) / mean n``, ``se^2 = sum psi_i^2 / (n (n - 1))``, from ``outer = sum h_i h_i^T``, ``cross =
+    sum n_i h_i`` and ``n_sq = sum n_i^2``. The sign is held at the estimate's; NaN where undefined (``n < 2``,
+    ``g = 0``)."""
+    value = signed_rmsd(hist)
+    total = hist.sum()
+    f = hist.cumsum(0)[:-1] / total
+    d = f - torch.arange(1, hist.numel(), device=hist.device, dtype=hist.dtype) / hist.numel()
+    grad = d / (d.numel() * d.square().mean().sqrt())
+    gf = grad @ f
+    squares = (grad @ outer @ grad - 2 * gf * (grad @ cross) + gf.square() * n_sq).clamp_min(0)
+    se = (squares / (images * (images - 1))).sqrt() / (total / images)
+    return _bounds(value, _t_values(images, level) * se)
+
+
+def _curve_position(points: int, fraction: float | Tensor) -> tuple[int, float]:
+    """The sample left of ``fraction`` on ``points`` evenly spaced fractions 0..1, and the weight of the next one."""
+    pos = min(max(float(fraction), 0.0), 1.0) * (points - 1)
+    lo = min(int(pos), points - 2)
+    return lo, pos - lo
+
+
+def curve_interval(
+    curve: Tensor, squares: Tensor, next_products: Tensor, count: Tensor, fraction: float, level: float = LEVEL
+) -> Tensor:
+    """Interval ``[2]`` of the mean over ``count`` images of their curves read at ``fraction`` (linear
+    interpolation, as :func:`curve_at`), from the curves' sums ``curve``, sums of squares ``squares`` and sums of
+    the products of neighbouring points ``next_products`` (``sum f_j f_{j+1}``): the interpolated value
+    ``(1 - w) f_j + w f_{j+1}`` of each image has an exact sum and sum of squares."""
+    j, w = _curve_position(curve.shape[0], fraction)
+    total = (1 - w) * curve[j] + w * curve[j + 1]
+    sq = (1 - w) ** 2 * squares[j] + 2 * w * (1 - w) * next_products[j] + w**2 * squares[j + 1]
+    return mean_interval(total, sq, count, level)
+
+
+def synced(metric: Metric):
+    """A context in which the metric's states are reduced over ranks, as ``compute`` sees them (restored after):
+    a collective, so every rank enters it."""
+    return metric.sync_context(
+        dist_sync_fn=metric.dist_sync_fn, should_sync=metric._to_sync, should_unsync=metric._should_unsync
+    )
+
+
 class MeanScores(Metric):
-    """Mean over images of each named per-image score; NaN scores (undefined for that image) are left out."""
+    """Mean over images of each named per-image score; NaN scores (undefined for that image) are left out.
+    :meth:`intervals`: each mean's Student-t 95% interval (:func:`mean_interval`), over the same images."""
 
     full_state_update = False
 
@@ -176,16 +335,24 @@ class MeanScores(Metric):
         self._index = {k: i for i, k in enumerate(self.keys)}
         self.add_state("total", torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, scores: dict[str, Tensor]) -> None:
         for key, values in scores.items():
             finite = values[torch.isfinite(values)]
             i = self._index[key]
             self.total[i] += finite.sum()
+            self.squares[i] += finite.square().sum()
             self.count[i] += finite.numel()
 
     def compute(self) -> dict[str, Tensor]:
         return {k: self.total[i] / self.count[i] for i, k in enumerate(self.keys) if self.count[i] > 0}
+
+    def intervals(self, level: float = LEVEL) -> dict[str, Tensor]:
+        """``[lo, hi]`` of each mean over at least two images, over all ranks' images (a collective)."""
+        with synced(self):
+            bounds = mean_interval(self.total, self.squares, self.count, level)
+            return {k: bounds[i] for i, k in enumerate(self.keys) if self.count[i] >= 2}
 
 
 class Counts(Metric):
@@ -218,10 +385,13 @@ class RegionShares(Metric):
 
     Pooled, an image whose map is empty adds nothing to either sum, for the raw map and the regularized one
     alike; raw attention sums to one per image, so its pooled share is also its mean share per image.
+
+    :meth:`intervals`: each share's 95% interval over images by the delta method for a ratio of sums
+    (:func:`ratio_interval`; per-image sums of squares and cross-products are kept), clipped to [0, 1].
     """
 
     full_state_update = False
-    REGIONS = ("roi", "noise")
+    REGIONS = REGIONS
 
     def __init__(self, maps: Sequence[str], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -230,19 +400,34 @@ class RegionShares(Metric):
         self.add_state("on_region", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seen", torch.zeros(len(self.REGIONS), dtype=torch.float64), dist_reduce_fx="sum")
+        # per image i, y = the map on the region, x = the map in all (mass) or raw on the region (kept): sums of
+        # y^2, x^2 and x y for the intervals
+        for name in ("on_region_sq", "total_sq", "on_region_total", "on_region_raw"):
+            self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, reg: RegularizedAttention, roi: Tensor | None = None, noise: Tensor | None = None) -> None:
+    def update(
+        self,
+        reg: RegularizedAttention,
+        roi: Tensor | None = None,
+        noise: Tensor | None = None,
+        shortcut: Tensor | None = None,
+    ) -> None:
         # every map at once, [M, B, T]: one pass per region, not one per map and region
         stacked = torch.stack([reg.attention, *(reg.maps[m] for m in self.maps[1:])]).clamp_min(0).to(torch.float64)
-        for j, region in enumerate((roi, noise)):
+        for j, region in enumerate((roi, noise, shortcut)):
             if region is None:
                 continue
             # an image without region tokens (no mask, or an object under half a token) has nothing to share
             rows = reg.significance.valid & region.any(1)
             values = stacked[:, rows]
+            on, total = (values * region[rows]).sum(2), values.sum(2)  # per map and image, [M, B]
             self.seen[j] += values.shape[1]
-            self.on_region[:, j] += (values * region[rows]).sum((1, 2))
-            self.total[:, j] += values.sum((1, 2))
+            self.on_region[:, j] += on.sum(1)
+            self.total[:, j] += total.sum(1)
+            self.on_region_sq[:, j] += on.square().sum(1)
+            self.total_sq[:, j] += total.square().sum(1)
+            self.on_region_total[:, j] += (on * total).sum(1)
+            self.on_region_raw[:, j] += (on * on[:1]).sum(1)
 
     def compute(self) -> dict[str, Tensor]:
         out = {}
@@ -255,12 +440,32 @@ class RegionShares(Metric):
                     out[f"{m}/{region}_kept"] = self.on_region[i, j] / self.on_region[0, j]
         return out
 
+    def intervals(self, level: float = LEVEL) -> dict[str, Tensor]:
+        """``[lo, hi]`` of each share over at least two images, over all ranks' images (a collective)."""
+        out = {}
+        with synced(self):
+            y, n = self.on_region, self.seen.expand_as(self.on_region)
+            mass = ratio_interval(y, self.total, self.on_region_sq, self.total_sq, self.on_region_total, n, level)
+            raw, raw_sq = self.on_region[:1].expand_as(y), self.on_region_sq[:1].expand_as(y)
+            kept = ratio_interval(y, raw, self.on_region_sq, raw_sq, self.on_region_raw, n, level)
+            for j, region in enumerate(self.REGIONS):
+                if self.seen[j] < 2:
+                    continue
+                for i, m in enumerate(self.maps):
+                    out[f"{m}/{region}_mass"] = mass[i, j].clamp(0, 1)
+                    if m != "raw":
+                        out[f"{m}/{region}_kept"] = kept[i, j].clamp(0, 1)
+        return out
+
 
 class NullCalibration(Metric):
     """Signed RMSD of null-image p-values from Uniform(0, 1) (the paper's sRMSD), from a binned ECDF.
 
     ``sign(sum D) * sqrt(mean D^2)`` with ``D = ECDF(u) - u`` at the inner bin edges: positive when the
     null p-values pile up small (anti-conservative), negative when they are too large (conservative).
+
+    ``update`` takes ``[B, K]``, one row of null p-values per image (a 1-D tensor is one image);
+    :meth:`interval`: the 95% interval over images by the delta method (:func:`signed_rmsd_interval`).
     """
 
     full_state_update = False
@@ -269,27 +474,37 @@ class NullCalibration(Metric):
         super().__init__(**kwargs)
         self.bins = bins
         self.add_state("hist", torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+        # per image i, h_i = its counts at or below each inner edge, n_i = its count: for the interval
+        self.add_state("outer", torch.zeros(bins - 1, bins - 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("cross", torch.zeros(bins - 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_sq", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("images", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, pvalues: Tensor) -> None:
-        idx = (pvalues.flatten() * self.bins).long().clamp(0, self.bins - 1)
-        self.hist += torch.bincount(idx, minlength=self.bins).to(self.hist)
+        rows = pvalues.reshape(1, -1) if pvalues.dim() <= 1 else pvalues.flatten(1)
+        idx = (rows * self.bins).long().clamp(0, self.bins - 1).to(self.hist.device)
+        per_image = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=self.hist.device)
+        per_image.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64, device=idx.device))
+        below, n = per_image.cumsum(1)[:, :-1], per_image.sum(1)
+        self.hist += per_image.sum(0)
+        self.outer += below.T @ below
+        self.cross += n @ below
+        self.n_sq += n.square().sum()
+        self.images += rows.shape[0]
 
     def compute(self) -> Tensor:
-        total = self.hist.sum()
-        if total == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.hist.device)
-        ecdf = self.hist.cumsum(0)[:-1] / total
-        u = torch.arange(1, self.bins, device=ecdf.device, dtype=ecdf.dtype) / self.bins
-        d = ecdf - u
-        return torch.sign(d.sum()) * d.square().mean().sqrt()
+        return signed_rmsd(self.hist)
+
+    def interval(self, level: float = LEVEL) -> Tensor:
+        """``[lo, hi]`` over all ranks' images (a collective); NaN with fewer than two images."""
+        with synced(self):
+            return signed_rmsd_interval(self.hist, self.outer, self.cross, self.n_sq, self.images, level)
 
 
 def curve_at(curve: Tensor, fraction: float | Tensor) -> Tensor:
     """Linear interpolation of a curve sampled on evenly spaced fractions 0..1 at ``fraction``."""
-    points = curve.shape[0]
-    pos = min(max(float(fraction), 0.0), 1.0) * (points - 1)
-    lo = min(int(pos), points - 2)
-    return curve[lo] + (curve[lo + 1] - curve[lo]) * (pos - lo)
+    lo, w = _curve_position(curve.shape[0], fraction)
+    return curve[lo] + (curve[lo + 1] - curve[lo]) * w
 
 
 class TopKBaseline(Metric):
@@ -298,6 +513,8 @@ class TopKBaseline(Metric):
 
     Holds the mean top-k F1 curve over images with an ROI, on ``points`` kept fractions, and the reference
     map's mean kept fraction over the same images; ``compute`` reads the curve there (NaN without an ROI).
+    :meth:`interval`: the 95% interval of that mean F1 over the images (:func:`curve_interval`), the kept fraction
+    held at the run's value (it defines the baseline's k).
     """
 
     full_state_update = False
@@ -308,10 +525,15 @@ class TopKBaseline(Metric):
         self.add_state("curve", torch.zeros(points, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("kept", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("curve_sq", torch.zeros(points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("curve_next", torch.zeros(points - 1, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, attention: Tensor, roi: Tensor, reference_map: Tensor) -> None:
         has_roi = roi.any(1)
-        self.curve += topk_f1_curve(attention[has_roi], roi[has_roi], self.points).sum(0)
+        curves = topk_f1_curve(attention[has_roi], roi[has_roi], self.points)
+        self.curve += curves.sum(0)
+        self.curve_sq += curves.square().sum(0)
+        self.curve_next += (curves[:, :-1] * curves[:, 1:]).sum(0)
         self.kept += (reference_map[has_roi] > 0).to(torch.float64).mean(1).sum()
         self.count += has_roi.sum()
 
@@ -319,3 +541,9 @@ class TopKBaseline(Metric):
         if self.count == 0:
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.curve.device)
         return curve_at(self.curve / self.count, self.kept / self.count)
+
+    def interval(self, level: float = LEVEL) -> Tensor:
+        """``[lo, hi]`` over all ranks' images with an ROI (a collective); NaN with fewer than two."""
+        with synced(self):
+            fraction = float(self.kept / self.count) if self.count > 0 else 0.0
+            return curve_interval(self.curve, self.curve_sq, self.curve_next, self.count, fraction, level)

@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,6 +27,11 @@ HEADLINE = {
     "lfdr/roi_mass": "share of the lfdr map's attention on the object, pooled",
     "lfdr/roi_kept": "share of the object's raw attention the lfdr map keeps, pooled",
     "lfdr/noise_kept": "share of the noise squares' raw attention the lfdr map keeps, pooled (lower is better)",
+    "raw/shortcut_mass": "share of the raw attention on the marked shortcut cue, pooled over images",
+    "lfdr/shortcut_kept": "share of the cue's raw attention the lfdr map keeps, pooled",
+    "shortcut/reliance": "drop of the predicted class's probability when the cue's tokens are removed: does the "
+    "prediction use the cue, whatever the attention shows?",
+    "same_k_random@shortcut/reliance": "the same for as many random tokens: the floor",
     "lfdr/roi_f1": "F1 of the tokens the lfdr map keeps against the object's tokens, mean over images",
     "topk/roi_f1": "F1 of a global top-k at the lfdr map's mean kept fraction: the baseline for lfdr/roi_f1",
     "null_srmsd": "signed RMSD of the null images' p-values from uniform (0 = calibrated, > 0 anti-conservative)",
@@ -33,12 +39,15 @@ HEADLINE = {
     "stability/lfdr_iou_first": "the same against the first explained run: how far the maps moved in all",
     "stability/z_spearman": "Spearman correlation of the probes' z with the previous run's",
     "lfdr/comprehensiveness": "drop of the predicted class's probability when the lfdr map's tokens are removed",
-    "topk@lfdr/comprehensiveness": "the same for the k tokens of highest raw attention (k = the lfdr map's size)",
-    "random@lfdr/comprehensiveness": "the same for k random tokens: the floor a faithful map must beat",
+    "fixed_k_top@lfdr/comprehensiveness": "the same for each image's top k raw tokens, one k for all (the run's mean "
+    "lfdr kept fraction): what the per-image k must beat",
+    "same_k_random@lfdr/comprehensiveness": "the same for k random tokens (k = the image's lfdr map size): the floor",
     "lfdr/sufficiency": "drop of that probability when only the lfdr map's tokens are kept (lower is better)",
     "raw/deletion_auc": "area under the probability as raw attention's top tokens are removed (lower is better)",
-    "sanity/raw_spearman": "Spearman of raw maps with a last-block-randomized model's (near 1: the map ignores it)",
-    "sanity/lfdr_spearman": "the same for the lfdr maps",
+    "sanity/raw_spearman": "Spearman of raw maps with those of the model with its last block re-initialized, mean over "
+    "draws (interval: over draws): near 0 the maps follow the block, trained or not (measured: 0.01 trained, 0.01 "
+    "untrained); near 1 they ignore it",
+    "sanity/lfdr_spearman": "the same for the lfdr maps (measured: 0.06 trained, -0.01 untrained; method.md)",
     "lfdr_fit_failed": "images whose local-FDR density fit diverged (their lfdr is 1)",
     "explained": "images explained in the run",
 }
@@ -58,8 +67,65 @@ def _png(image: np.ndarray | Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def metric_plots(history: Sequence[Mapping[str, float]], keys: Sequence[str]) -> Figure | None:
-    """Small multiples: each key's value at every explained run (``history`` rows carry a ``stage``)."""
+COUNTS = ("explained", "lfdr_fit_failed", "skipped_degenerate", "skipped_error", "clamped_tokens", "_undefined")
+NO_INTERVAL_SPAN = 0.05
+"""Without an interval, a plot's y axis spans at least this share of the metric's natural range."""
+INTERVAL_SPAN = 0.01
+"""With intervals, at least this share of it (besides the intervals' own span)."""
+
+
+def natural_range(key: str) -> tuple[float, float] | None:
+    """The range a metric's values take by definition (counts: ``[0, inf)``); None where unbounded (entropy)."""
+    name = key.rsplit("/", 1)[-1]
+    if name.endswith(COUNTS):
+        return (0.0, math.inf)
+    if name == "entropy":
+        return None
+    if name.endswith("_percentile"):
+        return (0.0, 100.0)
+    if name.endswith(("spearman", "comprehensiveness", "sufficiency", "srmsd")):
+        return (-1.0, 1.0)
+    return (0.0, 1.0)  # shares, fractions, F1, IoU, Gini, pi0, AUCs of probabilities
+
+
+def interval_of(row: Mapping[str, Any], key: str) -> tuple[float, float] | None:
+    """The row's 95% interval of ``key`` (``row["intervals"]``), None where it has none (older rows, counts)."""
+    bounds = (row.get("intervals") or {}).get(key)
+    if bounds is None or not all(math.isfinite(b) for b in bounds):
+        return None
+    return float(bounds[0]), float(bounds[1])
+
+
+def y_limits(key: str, values: Sequence[float], intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """A plot's y range: all values and intervals, spanning at least the intervals' span and
+    ``INTERVAL_SPAN`` of the natural range (``NO_INTERVAL_SPAN`` without intervals; 2 for counts, 10% of the
+    largest value for an unbounded metric), inside the natural range where the data are, plus 5% margins."""
+    values = [v for v in values if math.isfinite(v)]
+    points = values + [b for bounds in intervals for b in bounds]
+    low, high = min(points), max(points)
+    natural = natural_range(key)
+    if key.rsplit("/", 1)[-1].endswith(COUNTS):
+        floor = 2.0
+    elif natural is not None:
+        floor = (INTERVAL_SPAN if intervals else NO_INTERVAL_SPAN) * (natural[1] - natural[0])
+    else:
+        floor = 0.1 * max(abs(v) for v in points) or 1.0
+    span = max(high - low, floor)
+    mid = (low + high) / 2
+    lo, hi = mid - span / 2, mid + span / 2
+    if natural is not None:  # keep the axis inside the natural range while the data are
+        if lo < natural[0] <= low:
+            lo, hi = natural[0], natural[0] + span
+        elif hi > natural[1] >= high:
+            lo, hi = natural[1] - span, natural[1]
+    return lo - 0.05 * span, hi + 0.05 * span
+
+
+def metric_plots(history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> Figure | None:
+    """Small multiples: each key's value at every explained run (``history`` rows carry a ``stage`` and, where
+    known, ``intervals``: ``{key: [lo, hi]}``, drawn as error bars). The y axis never zooms below the
+    intervals' span (nor below a share of the metric's natural range, :func:`y_limits`), so a change inside the
+    noise does not look like a cliff."""
     keys = [k for k in keys if any(math.isfinite(row.get(k, math.nan)) for row in history)]
     if not keys:
         return None
@@ -69,7 +135,20 @@ def metric_plots(history: Sequence[Mapping[str, float]], keys: Sequence[str]) ->
     axes = np.asarray(fig.subplots(rows, cols)).reshape(-1)
     labels = [str(row["stage"]) for row in history]
     for ax, key in zip(axes, keys, strict=False):
-        ax.plot(range(len(history)), [row.get(key, math.nan) for row in history], marker="o")
+        values = [row.get(key, math.nan) for row in history]
+        ax.plot(range(len(history)), values, marker="o")
+        known = []  # (run, value, interval) where the run has both
+        for x, (row, v) in enumerate(zip(history, values, strict=True)):
+            bounds = interval_of(row, key)
+            if bounds is not None and math.isfinite(v):
+                known.append((x, v, bounds))
+        if known:
+            x, v, bounds = zip(*known, strict=True)
+            below = [max(0.0, vi - lo) for vi, (lo, _) in zip(v, bounds, strict=True)]
+            above = [max(0.0, hi - vi) for vi, (_, hi) in zip(v, bounds, strict=True)]
+            ax.errorbar(x, v, yerr=[below, above], fmt="none", ecolor="C0", elinewidth=1, capsize=3, alpha=0.7)
+        ax.set_ylim(*y_limits(key, values, [bounds for _, _, bounds in known]))
+        ax.set_xlim(-0.4, len(history) - 0.6)  # every run's place, bars clear of the frame
         ax.set_title(key, fontsize=9)
         ax.set_xticks(range(len(history)), labels, rotation=45, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
@@ -79,9 +158,22 @@ def metric_plots(history: Sequence[Mapping[str, float]], keys: Sequence[str]) ->
     return fig
 
 
+def headline_summary(row: Mapping[str, Any], prefix: str = "attnreg") -> dict[str, dict[str, Any]]:
+    """One history row's headline metrics: ``{"<prefix>/<key>": {"value", "ci95": [lo, hi] or None, "meaning"}}``
+    (JSON-ready; the keys the row has)."""
+    out = {}
+    for key, meaning in HEADLINE.items():
+        value = row.get(f"{prefix}/{key}")
+        if value is None or not math.isfinite(value):
+            continue
+        bounds = interval_of(row, f"{prefix}/{key}")
+        out[f"{prefix}/{key}"] = {"value": value, "ci95": None if bounds is None else list(bounds), "meaning": meaning}
+    return out
+
+
 def write_report(
     path: str | Path,
-    history: Sequence[Mapping[str, float]],
+    history: Sequence[Mapping[str, Any]],
     pictures: Sequence[tuple[np.ndarray, str]],
     config: Mapping,
     prefix: str = "attnreg",
@@ -98,16 +190,31 @@ def write_report(
         "td,th{padding:2px 10px;text-align:left;vertical-align:top}pre{background:#f4f4f4;padding:1em}</style>",
         f"</head><body><h1>{html.escape(title)}</h1>",
         f"<p>{len(history)} explained run(s): {html.escape(', '.join(str(r['stage']) for r in history))}.</p>",
-        "<h2>Headline metrics</h2><table><tr><th>metric</th><th>last run</th><th>what it means</th></tr>",
+        "<h2>Headline metrics</h2><p>The last run's values with their 95% intervals over its images in brackets "
+        "(Student t for means, the delta method for pooled shares and the sRMSD; none for counts).</p>",
+        "<table><tr><th>metric</th><th>last run</th><th>95% interval</th><th>what it means</th></tr>",
     ]
     for key, meaning in HEADLINE.items():
+        if not any(math.isfinite(row.get(f"{prefix}/{key}", math.nan)) for row in history):
+            continue  # a key no run computed (e.g. a region the data do not mark): no row
         value = last.get(f"{prefix}/{key}")
+        bounds = interval_of(last, f"{prefix}/{key}")
         shown = "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
-        parts.append(f"<tr><td><code>{prefix}/{key}</code></td><td>{shown}</td><td>{html.escape(meaning)}</td></tr>")
+        interval = "" if bounds is None or shown == "–" else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
+        parts.append(
+            f"<tr><td><code>{prefix}/{key}</code></td><td>{shown}</td><td>{interval}</td>"
+            f"<td>{html.escape(meaning)}</td></tr>"
+        )
     parts.append("</table>")
     plots = metric_plots(history, keys)
     if plots is not None:
-        parts.append(f"<h2>By explained run</h2><img src='{_png(plots)}' alt='headline metrics by run'>")
+        parts.append(
+            "<h2>By explained run</h2><p>Bars: each run's 95% interval over its images, how far its mean could move "
+            "with other images of the same kind: a change between runs well inside them is not worth reading as a "
+            "trend. (The same probe images are explained at every run, so a change consistent over the images can "
+            "matter even where bars overlap.)</p>"
+        )
+        parts.append(f"<img src='{_png(plots)}' alt='headline metrics by run'>")
     if pictures:
         parts.append("<h2>Pictures</h2>")
         for image, caption in pictures:

@@ -6,6 +6,7 @@ process over all ranks' images would.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -37,11 +38,20 @@ class RunMetrics:
     """Scores, region shares, null calibration, the top-k baseline, counts, probe stability, faithfulness (keys
     of :func:`faithfulness_keys`) and, once :meth:`follow_heads` is called, per-head scores."""
 
-    def __init__(self, maps: Sequence[str], faithfulness: str = "off", faithfulness_maps: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        maps: Sequence[str],
+        faithfulness: str = "off",
+        faithfulness_maps: Sequence[str] = (),
+        faithfulness_regions: Sequence[str] = (),
+    ) -> None:
         self.maps = list(maps)
-        faithful, undefined = faithfulness_keys(faithfulness, faithfulness_maps)
+        faithful, undefined = faithfulness_keys(faithfulness, faithfulness_maps, faithfulness_regions)
         self.faithfulness = MeanScores(faithful)
         self.undefined = Counts(undefined)
+        # each faithfulness map's kept fraction over the run's images: the k of its fixed-k baseline (not logged:
+        # it is 1 - the map's sparsity)
+        self.kept = MeanScores([f"{m}/kept_fraction" for m in faithfulness_maps] if faithfulness != "off" else [])
         self.scores = MeanScores(score_keys(self.maps))
         self.regions = RegionShares(self.maps)
         self.calibration = NullCalibration()
@@ -53,7 +63,7 @@ class RunMetrics:
 
     def drop_faithfulness(self) -> None:
         """No faithfulness states (a model without a classification head): none of its keys is logged."""
-        self.faithfulness, self.undefined = MeanScores([]), Counts([])
+        self.faithfulness, self.undefined, self.kept = MeanScores([]), Counts([]), MeanScores([])
 
     def follow_heads(self, heads: int) -> None:
         # keys fixed before any batch, so every rank holds the same states
@@ -75,16 +85,21 @@ class RunMetrics:
         )
 
     def reset(self, device: torch.device | str) -> None:
-        for metric in self._all():
+        for metric in (*self._all(), self.kept):
             metric.to(device).reset()
 
     def count_failed(self, images: int) -> None:
         self.counts.update(skipped_error=images)
 
     def update(
-        self, reg: RegularizedAttention, roi: Tensor | None = None, noise: Tensor | None = None
+        self,
+        reg: RegularizedAttention,
+        roi: Tensor | None = None,
+        noise: Tensor | None = None,
+        shortcut: Tensor | None = None,
     ) -> dict[str, Tensor] | None:
-        """Count the result's images and score its valid ones; ``roi``/``noise`` are the images' pixel masks.
+        """Count the result's images and score its valid ones; ``roi``/``noise``/``shortcut`` are the images' pixel
+        masks.
 
         Returns the per-image scores of the valid images, or None when none is valid.
         """
@@ -92,7 +107,7 @@ class RunMetrics:
         valid = sig.valid
         device = reg.attention.device
         # the masks first: a failure here leaves nothing counted, so the images are counted once, as failed
-        roi, noise = _token_mask(roi, reg.grid, device), _token_mask(noise, reg.grid, device)
+        roi, noise, shortcut = (_token_mask(m, reg.grid, device) for m in (roi, noise, shortcut))
         bad = int((~valid).sum())
         if bad:
             self.counts.update(skipped_degenerate=bad)
@@ -103,9 +118,9 @@ class RunMetrics:
         )
         if not bool(valid.any()):
             return None
-        scores = image_scores(reg, self.maps, roi, noise)
+        scores = image_scores(reg, self.maps, roi, noise, shortcut)
         self.scores.update(scores)
-        self.regions.update(reg, roi, noise)
+        self.regions.update(reg, roi, noise, shortcut)
         self.calibration.update(null_pvalues(sig)[valid])
         if roi is not None:
             self.topk.update(reg.attention[valid], roi[valid], reg.maps["lfdr"][valid])
@@ -120,13 +135,25 @@ class RunMetrics:
         self.faithfulness.update({k: v.to(device, torch.float64) for k, v in scores.items()})
         self.undefined.update(**{f"{m}/faithfulness_undefined": n for m, n in undefined.items()})
 
+    def update_kept(self, maps: dict[str, Tensor]) -> None:
+        """The kept fraction of each faithfulness map ``[B, T]`` of valid images (tokens the map keeps, per image)."""
+        device = self.kept.total.device
+        self.kept.update({f"{m}/kept_fraction": (v > 0).to(device, torch.float64).mean(dim=1) for m, v in maps.items()})
+
+    def kept_fractions(self, device: torch.device | str) -> dict[str, float]:
+        """Each faithfulness map's mean kept fraction over the run's images on every rank, for the maps some rank
+        explained (a collective: every rank calls it, whatever it explained)."""
+        values = quiet_compute(self.kept.to(device))
+        return {k.split("/")[0]: float(v) for k, v in values.items() if torch.isfinite(v)}
+
     def update_stability(self, moved: dict[str, list[float]]) -> None:
         """The probes' stability scores against their earlier runs (the probe book compares, across runs)."""
         device = self.stability.total.device
         self.stability.update({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in moved.items()})
 
     def compute(self, device: torch.device | str) -> dict[str, Tensor]:
-        """The run's finite results by name (a collective: every rank calls it, whatever it explained)."""
+        """The run's finite results by name (a collective: every rank calls it, whatever it explained); their 95%
+        intervals over images are computed with them, for :meth:`intervals`."""
         metrics = [m.to(device) for m in self._all()]
         results = [quiet_compute(m) for m in metrics]
         scores, regions, srmsd, topk_f1, counts, stability, faithful, undefined, *heads = results
@@ -134,7 +161,30 @@ class RunMetrics:
         values.update({**faithful, **undefined})
         for per_head in heads:
             values.update(per_head)
-        return {k: v for k, v in values.items() if torch.isfinite(v)}
+        finite = {k: v for k, v in values.items() if torch.isfinite(v)}
+        self._intervals = self._compute_intervals(finite)
+        return finite
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """The last :meth:`compute`'s 95% intervals over images, ``(lo, hi)`` by name, for its values that have one
+        (not the counts; a value over fewer than two images has none). Computed by ``compute`` on every rank, so
+        this is no collective: any rank may call it, any number of times. Definitions: :mod:`metrics`."""
+        return dict(getattr(self, "_intervals", {}))
+
+    def _compute_intervals(self, values: dict[str, Tensor]) -> dict[str, tuple[float, float]]:
+        # a collective: every rank asks the same metrics in the same order (each syncs its states once)
+        single = {id(self.calibration): "null_srmsd", id(self.topk): "topk/roi_f1"}
+        bounds: dict[str, Tensor] = {}
+        for metric in self._all():
+            if isinstance(metric, (MeanScores, RegionShares)):
+                bounds.update(metric.intervals())
+            elif id(metric) in single:
+                bounds[single[id(metric)]] = metric.interval()
+        keys = [k for k in bounds if k in values]
+        if not keys:
+            return {}
+        listed = torch.stack([bounds[k] for k in keys]).tolist()  # one device-to-host copy
+        return {k: (lo, hi) for k, (lo, hi) in zip(keys, listed, strict=True) if math.isfinite(lo + hi)}
 
 
 def image_rows(scores: dict[str, Tensor], ids: list[int]) -> list[dict]:

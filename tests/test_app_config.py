@@ -231,3 +231,12 @@ def test_a_sweeps_run_names_hold_the_keys_it_varies(monkeypatch):
     assert train.run_name(job) == "attnreg.n_bootstrap=10"
     job.mode = RunMode.RUN
     assert train.run_name(job) == ",".join(task)
+
+
+def test_the_shortcut_preset_builds_data_that_leak_the_label_through_a_marker():
+    cfg = _compose("experiment=shortcut", "data.train_size=4", "data.val_size=4")
+    data = instantiate(cfg.data, _convert_="all")
+    assert (data.spec.shortcut_size, data.spec.shortcut_leak, data.spec.shortcut_honest) == (8, 1.0, 0.6)
+    data.setup("fit")
+    assert len(data.val_set[0]) == 6 and data.val_set[0][5].sum() == 64  # the marker's own mask
+    assert "shortcut" in AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True)).faithfulness_regions

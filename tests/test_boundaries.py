@@ -327,9 +327,19 @@ KNOB_CASES = [
     ("faithfulness_baseline", "blur", OK),
     ("faithfulness_baseline", "zeros", OK),
     ("faithfulness_baseline", "noise", BAD),
+    ("faithfulness_regions", [], OK),
+    ("faithfulness_regions", ["roi", "noise", "shortcut"], OK),
+    ("faithfulness_regions", "shortcut", OK),
+    ("faithfulness_regions", ["background"], BAD),
     ("sanity_check", True, OK),
     ("sanity_check", False, OK),
     ("sanity_check", 1, BAD),
+    ("sanity_draws", 1, OK),
+    ("sanity_draws", 128, OK),
+    ("sanity_draws", 0, BAD),
+    ("sanity_draws", -1, BAD),
+    ("sanity_draws", 2.0, BAD),
+    ("sanity_draws", True, BAD),
     ("name", "attnreg", OK),
     ("name", "attnreg_pixel-2.b", OK),
     ("name", "", BAD),
@@ -349,7 +359,8 @@ def test_knob_boundary(key, value, ok):
     if ok:
         cfg = AttnRegConfig(**{key: value})
         got = getattr(cfg, key)
-        assert got == ([value] if key == "maps" and isinstance(value, str) else value)
+        listed = key in ("maps", "faithfulness_regions") and isinstance(value, str)
+        assert got == ([value] if listed else value)
     else:
         with pytest.raises(ValueError, match=rf"^attnreg\.{key}\b"):
             AttnRegConfig(**{key: value})

@@ -63,16 +63,19 @@ def _read_csv(logger: CSVLogger) -> list[dict]:
 def test_fit_logs_every_promised_metric(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     cb = AttentionRegularizationCallback(n_bootstrap=4, num_images=6, maps=MAPS, log_images=2)
-    _trainer(tmp_path, [cb], logger).fit(tiny_module(), tiny_data(noise_squares=1))
+    _trainer(tmp_path, [cb], logger).fit(tiny_module(), tiny_data(noise_squares=1, shortcut_size=8))
     rows = _read_csv(logger)
     logged = {k for r in rows for k, v in r.items() if v not in ("", None)}
-    regions = {f"attnreg/{m}/{r}_{s}" for m in MAPS for r in ("roi", "noise") for s in ("mass", "kept")}
+    regions = {f"attnreg/{m}/{r}_{s}" for m in MAPS for r in ("roi", "noise", "shortcut") for s in ("mass", "kept")}
     promised = (
         {f"attnreg/{k}" for k in score_keys(MAPS)}
         | regions
         | {
             "attnreg/raw/roi_mass",
             "attnreg/raw/noise_mass",
+            "attnreg/raw/shortcut_mass",
+            "attnreg/shortcut/reliance",
+            "attnreg/same_k_random@shortcut/reliance",
             "attnreg/null_srmsd",
             "attnreg/topk/roi_f1",
             "attnreg/explained",
@@ -263,7 +266,7 @@ def test_a_failure_before_or_after_the_engine_is_warned_and_counted_once_in_eith
     with pytest.raises(ValueError, match=r"masks of shape \(8, 47, 48\)"):
         validate(MappedVal(crop_masks), on_error="raise")
 
-    def broken(self, reg, roi=None, noise=None):  # after the engine, in the statistics' bookkeeping
+    def broken(self, reg, *masks):  # after the engine, in the statistics' bookkeeping
         raise RuntimeError("scoring broke")
 
     monkeypatch.setattr(RunMetrics, "update", broken)

@@ -49,7 +49,8 @@ def _record(tmp_path: Path, name: str, rank: int) -> dict | None:
 def _assert_same_metrics(a: dict, b: dict) -> None:
     keys = {k for k in a if k.startswith("attnreg/")}
     assert {"attnreg/lfdr/sparsity", "attnreg/pi0", "attnreg/null_srmsd", "attnreg/topk/roi_f1"} <= keys
-    assert {"attnreg/lfdr/comprehensiveness", "attnreg/random@lfdr/sufficiency"} <= keys  # faithfulness: kept
+    faithful = {"attnreg/lfdr/comprehensiveness", "attnreg/same_k_random@lfdr/sufficiency"}
+    assert faithful | {"attnreg/fixed_k_top@lfdr/comprehensiveness"} <= keys  # faithfulness: kept
     assert keys == {k for k in b if k.startswith("attnreg/")}
     for key in keys:
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key

@@ -135,8 +135,9 @@ def _probability(model: nn.Module, image: np.ndarray, c: int) -> float:
     return float(logits.double().softmax(-1)[0, c])
 
 
-def _oracle(model, images, attention, maps, ids, kept_maps, steps, baseline, seed):
-    """The six numbers per kept map and the four curves, per image, as a loop over images and tokens."""
+def _oracle(model, images, attention, maps, ids, kept_maps, steps, baseline, seed, fixed_k=None, regions=None):
+    """The numbers per kept map (the map's, its same-k random set's, the fixed-k top set's for the maps in
+    ``fixed_k``) and the four curves, per image, as a loop over images and tokens."""
     rows = []
     for i in range(len(images)):
         x = images[i].numpy()
@@ -153,19 +154,25 @@ def _oracle(model, images, attention, maps, ids, kept_maps, steps, baseline, see
                 seen.add(image.tobytes())
             return _probability(model, image, c)
 
+        sets = {}  # label: (tokens, undefined)
         for name in kept_maps:
             kept = [t for t in range(T) if maps[name][i, t] > 0]
             k = len(kept)
-            sets = {
-                name: kept,
-                f"topk@{name}": sorted(range(T), key=lambda t: (-att[t], t))[:k],
-                f"random@{name}": _oracle_random(seed, ids[i], k),
-            }
-            for label, s in sets.items():
-                rest = [t for t in range(T) if t not in s]
-                nan = k in (0, T)
-                out[f"{label}/comprehensiveness"] = np.nan if nan else p0 - prob(_paste(x, base, s))
-                out[f"{label}/sufficiency"] = np.nan if nan else p0 - prob(_paste(x, base, rest))
+            sets[name] = (kept, k in (0, T))
+            sets[f"same_k_random@{name}"] = (_oracle_random(seed, ids[i], k), k in (0, T))
+        for name, kappa in (fixed_k or {}).items():
+            k = round(kappa * T)
+            sets[f"fixed_k_top@{name}"] = (sorted(range(T), key=lambda t: (-att[t], t))[:k], k in (0, T))
+        for label, (s, nan) in sets.items():
+            rest = [t for t in range(T) if t not in s]
+            out[f"{label}/comprehensiveness"] = np.nan if nan else p0 - prob(_paste(x, base, s))
+            out[f"{label}/sufficiency"] = np.nan if nan else p0 - prob(_paste(x, base, rest))
+        for name, region in (regions or {}).items():
+            tokens = [t for t in range(T) if region[i, t]]
+            nan = len(tokens) in (0, T)
+            drawn = _oracle_random(seed, ids[i], len(tokens))
+            out[f"{name}/reliance"] = np.nan if nan else p0 - prob(_paste(x, base, tokens))
+            out[f"same_k_random@{name}/reliance"] = np.nan if nan else p0 - prob(_paste(x, base, drawn))
         counts = [round(j * T / steps) for j in range(steps + 1)]
         for name in ("raw", "posterior"):
             v = att if name == "raw" else maps["posterior"][i].tolist()
@@ -181,6 +188,12 @@ def _oracle(model, images, attention, maps, ids, kept_maps, steps, baseline, see
 
 
 # --- the batched path against the oracle ----------------------------------------------------------------------
+
+# a shortcut of 1 to 4 tokens, none in row 0 and every token in row 1 (undefined there); an object region of 3
+REGIONS = {
+    "shortcut": torch.tensor([[False] * T, [True] * T] + [[t < 1 + r for t in range(T)] for r in range(4)]),
+    "roi": torch.tensor([[t in (5, 6, 11) for t in range(T)]] * 6),
+}
 
 
 class Recording:
@@ -209,11 +222,14 @@ def test_batched_path_equals_the_per_image_oracle(vit, baseline, steps):
         IDS,
         mode="curves",
         kept_maps=kept_maps,
+        fixed_k={"lfdr": 0.3, "q": 0.55},  # a map need not be among the kept maps for its fixed-k set
+        regions=REGIONS,
         steps=steps,
         baseline=baseline,
         seed=3,
     )
-    expected = _oracle(vit, images, attention, maps, IDS, kept_maps, steps, baseline, seed=3)
+    fixed = {"lfdr": 0.3, "q": 0.55}
+    expected = _oracle(vit, images, attention, maps, IDS, kept_maps, steps, baseline, 3, fixed, REGIONS)
     # the clean images, then each distinct perturbed image of an image once (none for an undefined value)
     assert sum(counted.sizes) == len(images) + sum(row["forwards"] for row in expected)
     assert res.predicted.tolist() == [row["c"] for row in expected]
@@ -222,9 +238,11 @@ def test_batched_path_equals_the_per_image_oracle(vit, baseline, steps):
     assert set(res.scores) == {
         f"{prefix}{name}/{metric}"
         for name in kept_maps
-        for prefix in ("", "topk@", "random@")
+        for prefix in ("", "same_k_random@")
         for metric in ("comprehensiveness", "sufficiency")
-    } | {f"{name}/{kind}_auc" for name in ("raw", "posterior") for kind in ("deletion", "insertion")}
+    } | {f"fixed_k_top@{m}/{metric}" for m in ("lfdr", "q") for metric in ("comprehensiveness", "sufficiency")} | {
+        f"{name}/{kind}_auc" for name in ("raw", "posterior") for kind in ("deletion", "insertion")
+    } | {f"{who}{r}/reliance" for r in REGIONS for who in ("", "same_k_random@")}
     for key, values in res.scores.items():
         assert values.dtype == torch.float64 and values.shape == (len(images),)
         np.testing.assert_allclose(values, [row[key] for row in expected], rtol=0, atol=1e-10, err_msg=key)
@@ -238,13 +256,61 @@ def test_batched_path_equals_the_per_image_oracle(vit, baseline, steps):
 
 def test_undefined_images_are_nan_and_counted(vit):
     images, attention, maps = _inputs()
-    res = faithfulness(classifier_forward(vit), images, attention, maps, GRID, IDS, kept_maps=("lfdr", "p"))
+    forward = classifier_forward(vit)
+    res = faithfulness(forward, images, attention, maps, GRID, IDS, kept_maps=("lfdr", "p"), fixed_k={"lfdr": 0.5})
     k_p = (maps["p"] > 0).sum(1)
     assert res.undefined == {"lfdr": 2, "p": int(((k_p == 0) | (k_p == T)).sum())}
-    for prefix in ("", "topk@", "random@"):
+    for prefix in ("", "same_k_random@"):
         for metric in ("comprehensiveness", "sufficiency"):
             values = res.scores[f"{prefix}lfdr/{metric}"]
             assert values[:2].isnan().all() and values[2:].isfinite().all()  # rows 0, 1: k = 0 and k = T
+    # the fixed k is every image's: defined for all of them, or (k rounds to 0 or T) for none
+    assert res.scores["fixed_k_top@lfdr/comprehensiveness"].isfinite().all()
+    for kappa in (0.01, 0.99):
+        none = faithfulness(forward, images, attention, maps, GRID, IDS, kept_maps=(), fixed_k={"lfdr": kappa})
+        assert set(none.scores) == {"fixed_k_top@lfdr/comprehensiveness", "fixed_k_top@lfdr/sufficiency"}
+        assert all(v.isnan().all() for v in none.scores.values())
+
+
+def test_the_fixed_k_baseline_is_the_map_only_where_the_image_keeps_the_fixed_k():
+    """A map that keeps each image's top-k raw tokens (as every thresholded map does, z, p, q and the pi0 cut being
+    monotone in the raw attention) with k varying by image: its fixed-k baseline equals it exactly on the images
+    whose k is the fixed one and differs on the others, so the logged comparison can come out either way."""
+    model = TopLeftClassifier()
+    images, attention, _ = _inputs()
+    attention[:, 0] = torch.linspace(0.0, 1.0, 6)  # token 0, the only one the model sees, ranks by image
+    ks = torch.tensor([3, 8, 22, 8, 15, 20])
+    lfdr = torch.where(top_tokens(attention, ks), attention, torch.zeros_like(attention))
+    res = faithfulness(model, images, attention, {"lfdr": lfdr}, GRID, IDS, fixed_k={"lfdr": 8 / T})
+    for metric in ("comprehensiveness", "sufficiency"):
+        mine, fixed = res.scores[f"lfdr/{metric}"], res.scores[f"fixed_k_top@lfdr/{metric}"]
+        same = ks == 8
+        assert torch.equal(mine[same], fixed[same])
+    # where token 0 is in one set and not the other, the model's prediction tells them apart
+    in_map = top_tokens(attention, ks)[:, 0]
+    in_fixed = top_tokens(attention, torch.full((6,), 8))[:, 0]
+    differ = in_map != in_fixed
+    assert differ.any()
+    gap = (res.scores["lfdr/comprehensiveness"] - res.scores["fixed_k_top@lfdr/comprehensiveness"]).abs()
+    assert (gap[differ] > 1e-3).all()
+
+
+def test_reliance_on_a_region_the_attention_ignores():
+    """The model reads token 0 alone, and the attention puts least there: the map keeps other tokens and removing
+    them changes nothing, while removing the region {token 0} moves the prediction; as many random tokens (which
+    miss token 0 in these images) do not."""
+    model = TopLeftClassifier()
+    images, attention, _ = _inputs()
+    attention[:, 0] = 0.0
+    lfdr = torch.where(top_tokens(attention, torch.full((6,), 5)), attention, torch.zeros_like(attention))
+    cue = torch.zeros(6, T, dtype=torch.bool)
+    cue[:, 0] = True
+    res = faithfulness(model, images, attention, {"lfdr": lfdr}, GRID, IDS, regions={"shortcut": cue}, seed=1)
+    assert res.scores["lfdr/comprehensiveness"].abs().max() <= 1e-7
+    drawn = random_tokens(1, torch.tensor(IDS), torch.ones(6, dtype=torch.long), T)
+    assert not drawn[:, 0].any()
+    assert (res.scores["shortcut/reliance"] > 1e-3).all()
+    assert res.scores["same_k_random@shortcut/reliance"].abs().max() <= 1e-7
 
 
 def test_top_tokens_break_ties_by_the_lower_index():
@@ -295,11 +361,11 @@ def test_random_scores_follow_the_image_not_its_batch(vit):
     perm = [3, 5, 0, 2, 4, 1]
     permuted, first, rest = run(perm), run([0, 1]), run([2, 3, 4, 5])
     for metric in ("comprehensiveness", "sufficiency"):
-        key = f"random@p/{metric}"
+        key = f"same_k_random@p/{metric}"
         np.testing.assert_allclose(permuted.scores[key], full.scores[key][perm], rtol=0, atol=1e-6, equal_nan=True)
         joined = torch.cat([first.scores[key], rest.scores[key]])
         np.testing.assert_allclose(joined, full.scores[key], rtol=0, atol=1e-6, equal_nan=True)
-    key = "random@p/comprehensiveness"
+    key = "same_k_random@p/comprehensiveness"
     defined = full.scores[key].isfinite()
     assert defined.sum() >= 4
     assert not torch.allclose(run(list(range(6)), seed=6).scores[key][defined], full.scores[key][defined])
@@ -330,7 +396,7 @@ def test_tokens_the_model_ignores_have_zero_comprehensiveness():
         lfdr[row, 1 + torch.randperm(T - 1, generator=g)[:k]] = 1.0  # never token 0
     attention[:, 0] = 1.0  # the top-k always holds token 0
     maps = {"lfdr": lfdr, "posterior": lfdr}
-    res = faithfulness(model, images, attention, maps, GRID, IDS)
+    res = faithfulness(model, images, attention, maps, GRID, IDS, fixed_k={"lfdr": 0.25})
     assert res.undefined == {"lfdr": 0}
     assert res.scores["lfdr/comprehensiveness"].abs().max() <= 1e-7
     # keeping S alone replaced token 0, the only one the model sees: as far as the model knows, all is baseline
@@ -338,9 +404,10 @@ def test_tokens_the_model_ignores_have_zero_comprehensiveness():
     with torch.no_grad():
         p_base = model(base).double().softmax(-1).gather(1, res.predicted[:, None])[:, 0]
     np.testing.assert_allclose(res.scores["lfdr/sufficiency"], res.p_clean - p_base, rtol=0, atol=1e-7)
-    np.testing.assert_allclose(res.scores["topk@lfdr/comprehensiveness"], res.p_clean - p_base, rtol=0, atol=1e-7)
-    assert res.scores["topk@lfdr/comprehensiveness"].abs().min() > 1e-3
-    expected = _oracle(model, images, attention, maps, IDS, ("lfdr",), 8, "mean", seed=0)
+    fixed = res.scores["fixed_k_top@lfdr/comprehensiveness"]
+    np.testing.assert_allclose(fixed, res.p_clean - p_base, rtol=0, atol=1e-7)
+    assert fixed.abs().min() > 1e-3
+    expected = _oracle(model, images, attention, maps, IDS, ("lfdr",), 8, "mean", 0, {"lfdr": 0.25})
     for key, values in res.scores.items():
         np.testing.assert_allclose(values, [row[key] for row in expected], rtol=0, atol=1e-6, err_msg=key)
 

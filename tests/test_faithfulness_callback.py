@@ -3,7 +3,6 @@ images, a backbone without a head refused with one warning, and the model-random
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import warnings
@@ -20,7 +19,8 @@ from torch import nn
 from attnreg_lightning import AttentionRegularizationCallback, AttentionRegularizer
 from attnreg_lightning.batch import BatchView, default_batch_to_images
 from attnreg_lightning.faithfulness import classifier_forward, faithfulness
-from attnreg_lightning.sanity import last_block, randomized_last_block
+from attnreg_lightning.metrics import token_mask
+from attnreg_lightning.sanity import draw_seed, last_block, randomized_last_block
 from tests.helpers import IMAGE_SIZE, perturb, tiny_data, tiny_module
 
 
@@ -37,6 +37,10 @@ def _val_batches(data) -> tuple[torch.Tensor, list[int]]:
     return torch.cat([b[0] for b in batches]), [int(i) for b in batches for i in b[3]]
 
 
+def _shortcut_masks(data) -> torch.Tensor:
+    return torch.cat([b[5] for b in data.val_dataloader()])
+
+
 FIFTH = 10_000_004  # the validation set's fifth id
 
 
@@ -51,7 +55,7 @@ def spoiled(batch) -> BatchView:
 
 @pytest.mark.parametrize("statistics", ["inline", "background"])
 def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_path, statistics):
-    module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
+    module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4, shortcut_size=8)
     knobs = {"n_bootstrap": 4, "seed": 3, "maps": ["p", "lfdr"]}
     cb = AttentionRegularizationCallback(
         **knobs,
@@ -69,16 +73,22 @@ def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_
     images, ids = _val_batches(data)
     assert ids[4] == FIFTH
     valid = [i for i in range(8) if i != 4]
-    images, ids = images[valid], [ids[i] for i in valid]
+    images, ids, cues = images[valid], [ids[i] for i in valid], _shortcut_masks(data)[valid]
     reg = AttentionRegularizer(module, n_bootstrap=4, seed=3)(images, ids)
     assert bool(reg.significance.valid.all())
+    # the fixed k of each map: its mean kept fraction over the run's explained images
+    kappa = {m: float((reg.maps[m] > 0).double().mean()) for m in ("p", "lfdr")}
     want = faithfulness(
         classifier_forward(module), images, reg.attention, reg.maps, reg.grid, ids, mode="curves",
-        kept_maps=["p", "lfdr"], seed=3,
+        kept_maps=["p", "lfdr"], fixed_k=kappa, regions={"shortcut": token_mask(cues, reg.grid)}, seed=3,
     )  # fmt: skip
     rows = {row["id"]: row for row in cb.image_stats}
     assert sorted(rows) == sorted(ids)
-    assert len(want.scores) == 2 * 6 + 4
+    assert len(want.scores) == 2 * 6 + 4 + 2
+    # the images keep different numbers of tokens, so the fixed-k baseline is not the map itself
+    kept = (reg.maps["lfdr"] > 0).sum(1)
+    assert len(set(kept.tolist())) > 1
+    assert not torch.equal(want.scores["fixed_k_top@lfdr/sufficiency"], want.scores["lfdr/sufficiency"])
     for key, values in want.scores.items():
         got = torch.tensor([rows[i][key] for i in ids], dtype=torch.float64)
         torch.testing.assert_close(got, values, equal_nan=True, rtol=1e-9, atol=1e-12, msg=key)
@@ -167,14 +177,17 @@ def test_hugging_face_last_block_is_the_last_vit_layer():
 
 
 def test_fit_end_logs_the_sanity_check_against_scipy(tmp_path):
+    # one draw (tests/test_sanity.py checks several): the first re-initialization of a check seeded 5
     module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
-    cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=8, log_images=0, faithfulness="off", seed=5)
+    knobs = {"n_bootstrap": 3, "num_images": 8, "log_images": 0, "faithfulness": "off", "seed": 5}
+    cb = AttentionRegularizationCallback(**knobs, sanity_draws=1)
     trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2)
     trainer.fit(module, data)
     # the oracle: the same probes explained by the trained model and by its randomized copy, scipy's Spearman
     images, ids = _val_batches(data)
     trained = AttentionRegularizer(module, n_bootstrap=3, seed=5)(images, ids)
-    randomized = AttentionRegularizer(randomized_last_block(module, 5), n_bootstrap=3, seed=5)(images, ids)
+    copy_of = randomized_last_block(module, draw_seed(5, 0))
+    randomized = AttentionRegularizer(copy_of, n_bootstrap=3, seed=5)(images, ids)
 
     def rho_of(x: np.ndarray, y: np.ndarray) -> float:  # an empty map against a structured one: 0
         flat = (np.ptp(x) == 0) + (np.ptp(y) == 0)
@@ -194,17 +207,20 @@ def test_fit_end_logs_the_sanity_check_against_scipy(tmp_path):
     assert float(rows[0]["attnreg/sanity/lfdr_spearman"]) == pytest.approx(rho["lfdr"], abs=1e-9)
     assert rho["raw"] < 0.95  # re-initializing the last block really moved the maps
     assert cb.history[-1]["attnreg/sanity/raw_spearman"] == pytest.approx(rho["raw"], abs=1e-9)
+    assert cb.history[-1]["attnreg/sanity/raw_spearman_draws"] == 1
+    assert "attnreg/sanity/raw_spearman_sd" not in cb.history[-1]  # one draw has no spread
 
 
 def test_an_unchanged_model_gives_sanity_correlations_of_one(tmp_path, monkeypatch):
-    # the check's other end: a "randomized" copy that is the model itself must give perfectly correlated maps
-    monkeypatch.setattr(
-        "attnreg_lightning.callback.randomized_last_block", lambda model, seed: copy.deepcopy(model.vit).eval()
-    )
-    cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=0, faithfulness="off")
+    # the check's other end: "re-initializations" that leave the copy as the model is must give perfectly
+    # correlated maps at every draw (the raw maps read without nulls, the lfdr maps explained with them)
+    monkeypatch.setattr("attnreg_lightning.sanity.reinitialize", lambda block, seed: None)
+    cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=0, faithfulness="off", sanity_draws=9)
     trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
     trainer.fit(perturb(tiny_module()), tiny_data(val_size=4, batch_size=4))
-    assert cb.history[-1]["attnreg/sanity/raw_spearman"] == pytest.approx(1.0)
+    for key in ("raw", "lfdr"):
+        assert cb.history[-1][f"attnreg/sanity/{key}_spearman"] == pytest.approx(1.0)
+        assert cb.history[-1][f"attnreg/sanity/{key}_spearman_sd"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_rank_correlation_of_an_empty_map_against_a_structured_one_is_zero():
@@ -232,10 +248,10 @@ def test_a_faithfulness_failure_leaves_the_images_explained_and_counted_once(tmp
 
 
 def test_a_failing_sanity_check_warns_and_the_fit_ends(tmp_path, monkeypatch):
-    def failing(model, seed):
+    def failing(*args, **kwargs):
         raise RuntimeError("no memory for a copy, on purpose")
 
-    monkeypatch.setattr("attnreg_lightning.callback.randomized_last_block", failing)
+    monkeypatch.setattr("attnreg_lightning.callback.model_randomization", failing)
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, faithfulness="off")
     with pytest.warns(UserWarning, match="sanity_check failed on this rank.*on purpose"):
         _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(

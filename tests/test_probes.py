@@ -1,6 +1,7 @@
 """Probe images and how their maps move: the same images every explained run, stability metrics, evolution."""
 
 import csv
+import math
 from pathlib import Path
 
 import lightning as L
@@ -74,8 +75,10 @@ def test_end_of_fit_report_beside_the_checkpoints(tmp_path):
 
     cb, rows, _ = _fit(tmp_path, tiny_data(noise_squares=1))
     page = (tmp_path / "checkpoints" / "attnreg_report.html").read_text()
-    for key in HEADLINE:  # every headline metric, named and defined
-        assert f"attnreg/{key}" in page
+    logged = {k for r in cb.history for k, v in r.items() if isinstance(v, float) and math.isfinite(v)}
+    for key in HEADLINE:  # every headline metric the runs computed, named and defined; no row for the others
+        assert (f"<code>attnreg/{key}</code>" in page) == (f"attnreg/{key}" in logged), key
+    assert "<code>attnreg/shortcut/reliance</code>" not in page  # these data mark no shortcut
     # the plots by run, two evolution pictures and the two rows of the last run, embedded
     assert page.count("data:image/png;base64,") == 1 + 2 + 2
     assert "epoch0, epoch1, epoch2" in page and "&quot;n_bootstrap&quot;: 3" in page
