@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -88,7 +89,7 @@ def train(args, honest: float, leak: float) -> list[dict]:
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, direct],
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="bench_shortcut_"),
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
