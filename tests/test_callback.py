@@ -275,6 +275,7 @@ def test_a_failure_before_or_after_the_engine_is_warned_and_counted_once_in_eith
     assert (logged["attnreg/skipped_error"], logged["attnreg/explained"]) == (8, 0)
 
 
+@pytest.mark.slow  # a fit or several: the whole suite runs it
 def test_two_callbacks_in_one_fit_keep_their_keys_and_states_apart(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     normal = AttentionRegularizationCallback(n_bootstrap=2, num_images=2, log_images=1)
@@ -473,6 +474,7 @@ def test_logged_values_of_one_batch_match_an_independent_numpy_recomputation(tmp
     assert logged["attnreg/explained"] == 8
 
 
+@pytest.mark.slow  # a fit or several: the whole suite runs it
 def test_fit_checkpoint_resume_gives_the_maps_of_an_uninterrupted_run(tmp_path):
     def run(root, ckpt_path=None, seed=3, interrupt=False):
         L.seed_everything(0)
@@ -542,6 +544,7 @@ def test_diverged_density_fits_and_clamped_values_are_counted(tmp_path):
     assert logged["attnreg/explained"] == 2
 
 
+@pytest.mark.slow  # a fit or several: the whole suite runs it
 def test_per_head_metrics_and_pictures(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=1, heads="all")
@@ -561,6 +564,7 @@ def test_per_head_metrics_and_pictures(tmp_path):
     assert Image.open(with_heads).height > 1.8 * Image.open(without).height  # a row of per-head lfdr maps added
 
 
+@pytest.mark.slow  # a fit or several: the whole suite runs it
 def test_background_statistics_log_and_record_exactly_what_inline_statistics_do(tmp_path):
     runs = {}
     for where in ("inline", "background"):

@@ -659,7 +659,9 @@ def test_every_knob_is_run_off_its_default():
         AttnRegConfig(**{**BASE, **values})  # a valid configuration
 
 
-@pytest.mark.parametrize("knob", list(CASES))
+@pytest.mark.parametrize(
+    "knob", [pytest.param(k, marks=pytest.mark.slow) if how["fit"] else k for k, (_, _, how) in CASES.items()]
+)  # the knobs that act during a fit share one 3-epoch fit: the whole suite runs it
 def test_a_knob_off_its_default_keeps_its_promise(knob, request, tmp_path):
     values, check, how = CASES[knob]
     if how["fit"]:

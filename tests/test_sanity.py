@@ -166,6 +166,7 @@ def test_the_spread_is_the_sd_of_the_per_draw_means():
     assert draw_keys(9) == [f"raw@{d}" for d in range(9)] + ["lfdr@0", "lfdr@1"]
 
 
+@pytest.mark.slow  # a fit or several: the whole suite runs it
 def test_two_seeds_agree_within_a_tenth_on_the_test_model_where_one_draw_does_not(tmp_path):
     default = AttnRegConfig().sanity_draws
     knobs = {"n_bootstrap": 3, "num_images": 16, "log_images": 0, "faithfulness": "off"}
