@@ -20,11 +20,10 @@ from attnreg_lightning.metrics import (
     t_quantile,
     token_mask,
 )
-from attnreg_lightning.regularize import RegularizedAttention, Thresholds
 from attnreg_lightning.report import HEADLINE, headline_summary, metric_plots, write_report
 from attnreg_lightning.run_metrics import COUNT_KEYS, RunMetrics
-from attnreg_lightning.stats import Significance
 from tests.helpers import tiny_data, tiny_module
+from tests.test_metrics import _reg
 
 T = torch.tensor
 
@@ -41,14 +40,6 @@ def _delta_ratio(y: np.ndarray, x: np.ndarray) -> list[float]:
     se = np.sqrt(((y - r * x) ** 2).sum() / (n * (n - 1))) / x.mean()
     t = stats.t.ppf(0.975, n - 1)
     return [r - t * se, r + t * se]
-
-
-def _reg(raw: torch.Tensor, maps: dict, valid=None) -> RegularizedAttention:
-    b, t = raw.shape
-    z = torch.zeros(b, t, dtype=torch.float64)
-    valid = torch.ones(b, dtype=torch.bool) if valid is None else torch.as_tensor(valid)
-    sig = Significance(z, z[:, None], z, z[:, 0], z, z, valid, valid, torch.zeros(b, dtype=torch.long))
-    return RegularizedAttention(attention=raw, significance=sig, maps=maps, thresholds=Thresholds())
 
 
 def _fake_two_ranks(metric, other) -> None:

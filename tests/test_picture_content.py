@@ -26,6 +26,7 @@ from attnreg_lightning.regularize import regularize
 from attnreg_lightning.stats import Significance, significance
 from attnreg_lightning.viz import REMOVED_COLOUR, attention_scale, picture_row
 from tests.helpers import RecordingCallback, perturb, tiny_data, tiny_module
+from tests.test_pictures import _colour
 from tests.wandb_reader import history_rows
 
 F64 = torch.float64
@@ -56,16 +57,6 @@ def _panels(pic: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
     block = max(np.split(np.array(rows), np.flatnonzero(np.diff(rows) > 1) + 1), key=len)
     xs = [r for r in _runs(ink[block[len(block) // 2]]) if r[1] - r[0] > 80]
     return [(int(x0), int(x1), int(block[0]), int(block[-1]) + 1) for x0, x1 in xs]
-
-
-def _colour(pic: np.ndarray, box, token: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
-    """The colour drawn at a token's centre; the 7x7 pixels around it must agree (else the read is off)."""
-    x0, x1, y0, y1 = box
-    y = int(y0 + (token[0] + 0.5) * (y1 - y0) / grid[0])
-    x = int(x0 + (token[1] + 0.5) * (x1 - x0) / grid[1])
-    patch = pic[y - 3 : y + 4, x - 3 : x + 4].reshape(-1, 3)
-    assert (patch == patch[0]).all(), f"token {token} is not uniform around ({x}, {y})"
-    return patch[0].astype(int)
 
 
 def _on(name: str, value: float, lo: float, hi: float) -> np.ndarray:
