@@ -4,12 +4,12 @@ baseline of the lfdr map as the callback does at a run's end (a second call, ``k
 
 ``ratio`` is (engine + faithfulness) / engine, the factor a validation run's explanation time grows by; the target
 for ``kept`` with the default map is <= 1.4 at N = 10. ``forwards_per_image`` counts the images faithfulness forwarded
-per explained image, as run: at most 8 for ``kept``, 2 of them the fixed-k baseline's (the clean image's logits come
+per explained image, as run: at most 6 for ``kept``, 2 of them the fixed-k baseline's (the clean image's logits come
 from the engine's forward, which runs on to the head), fewer where a value is undefined or two sets hold the same
 tokens (the fixed-k sets, scored apart, share no forward with the map's); ``lfdr_undefined_fraction``
 is the share of images whose lfdr map keeps no token or every token (no forwards). ``kept-worst`` is the upper bound of
 ``kept``'s cost on the same images: its lfdr map keeps a random quarter of each image's tokens, so every image is
-defined and no two sets are the same (8 forwards per image).
+defined and no two sets are the same (6 forwards per image).
 
     python benchmarks/bench_faithfulness.py                          # CPU: the app's default model, 64 px
     python benchmarks/bench_faithfulness.py --device cuda --model vit_small_patch8_224 --dtype bfloat16
@@ -62,7 +62,7 @@ def main() -> None:
     classify = classifier_forward(vit)
 
     # kept-worst: the same cost with an lfdr map that keeps a random quarter of each image's tokens, so that every
-    # image is defined and no set equals another (the upper bound of kept's cost: 8 forwards per image)
+    # image is defined and no set equals another (the upper bound of kept's cost: 6 forwards per image)
     shape = classifying(images, ids).attention.shape
     quarter = torch.rand(shape, generator=torch.Generator().manual_seed(1)).argsort(1) < shape[1] // 4
     modes = ("off", "kept", "kept-worst", "curves")
