@@ -42,6 +42,8 @@ SUMMARY_KEYS = (
     "attnreg/lfdr/sparsity",
     "attnreg/lfdr/roi_f1",
     "attnreg/topk/roi_f1",
+    "attnreg/shortcut/reliance",
+    "attnreg/same_k_random@shortcut/reliance",
     "attnreg/null_srmsd",
 )
 

@@ -222,14 +222,16 @@ def summarize(means: dict[str, float], draws: int) -> dict[str, float]:
 def intervals(values: dict[str, float]) -> dict[str, tuple[float, float]]:
     """The 95% interval of each logged mean over draws (from two draws), Student's as the run's other intervals
     (docs/method.md, section 10) with the draws in place of the images: ``mean +- t(n - 1) * sd / sqrt(n)``, ``n``
-    the draws. It is the draws' randomness, for these probes: the mean over all re-initializations lies in it with
-    95% confidence (another seed's mean, within ``sqrt(2)`` times its half-width)."""
+    the draws, clipped to a correlation's [-1, 1]. It is the draws' randomness, for these probes: the mean over all
+    re-initializations lies in it with 95% confidence (another seed's mean, within ``sqrt(2)`` times its
+    half-width)."""
     out = {}
     for key in SANITY_KEYS:
         if f"{key}_sd" in values:
             n = round(values[f"{key}_draws"])
             half = t_quantile(n - 1) * values[f"{key}_sd"] / math.sqrt(n)
-            out[key] = (values[key] - half, values[key] + half)
+            # a correlation's: clipped to [-1, 1] (from few draws, t's tail reaches far beyond)
+            out[key] = (max(-1.0, values[key] - half), min(1.0, values[key] + half))
     return out
 
 

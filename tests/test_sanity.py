@@ -330,3 +330,11 @@ def test_two_ranks_pool_each_draw_and_a_failing_rank_leaves_none_waiting(tmp_pat
             assert record[name] == pytest.approx(reference[name], rel=1e-9, abs=1e-12), name
     assert reference["whole"] != pytest.approx(reference["one_failing"])  # rank 1's probes counted, then not
     assert [r["warned"] for r in ranks] == [False, True]
+
+
+def test_an_interval_from_few_draws_stays_within_a_correlations_range():
+    # two lfdr draws: t(1) = 12.7 times the sd over sqrt(2) reaches far past [-1, 1]
+    (lo, hi) = intervals({RAW: -0.04, f"{RAW}_sd": 0.45, f"{RAW}_draws": 2.0})[RAW]
+    assert (lo, hi) == (-1.0, 1.0)
+    (lo, hi) = intervals({RAW: 0.2, f"{RAW}_sd": 0.1, f"{RAW}_draws": 64.0})[RAW]
+    assert -1 < lo < 0.2 < hi < 1
