@@ -113,7 +113,7 @@ def explain(cfg: DictConfig) -> Path:
     run = callback.history[-1] if callback.history else {}
     summary = {
         "stage": run.get("stage"),
-        "ci95": "95% interval over the explained images (docs/method.md, section 10); null: none (counts, sanity)",
+        "ci95": "95% interval over the images (sanity/*: over draws), docs/method.md section 10; null for counts",
         "metrics": headline_summary(run, attnreg.name),
     }
     (output_dir / "explain_summary.json").write_text(json.dumps(summary, indent=2))

@@ -133,6 +133,7 @@ class AttentionRegularizationCallback(Callback):
         self._pending: deque[tuple[Future[None], _Job]] = deque()
         self._drawing: deque[tuple[Future[None], _Job]] = deque()  # inline statistics: pictures being drawn
         self._failed_images = 0  # counted on the training thread, added to the metrics once the run's jobs are done
+        self._warned_regions: set[str] = set()  # regions whose masks cover no token: said once
         self._fixed_k_jobs: list[tuple[Tensor, Tensor, Tensor, list[int], tuple[int, int]]] = []  # scored at run end
         self._sanity_images: dict[int, Tensor] = {}  # a few probes' images (host), for the sanity check
         self.sanity_rows: list[dict[str, float]] = []  # the last sanity check's per-image values on this rank
@@ -387,6 +388,14 @@ class AttentionRegularizationCallback(Callback):
             for name in cfg.faithfulness_regions
             if marked[name] is not None
         }
+        for name, tokens in regions.items():
+            if name not in self._warned_regions and not bool(tokens.any()) and bool(marked[name].any()):
+                self._warned_regions.add(name)
+                rank_zero_warn(
+                    f"{self.prefix}: the {name} masks cover no token by half (a region smaller than the model's "
+                    f"{reg.grid[0]}x{reg.grid[1]} token grid resolves?), so its keys are not computed: mark regions of "
+                    "at least half a token (e.g. data.shortcut_size = the patch size)"
+                )
         result = faithfulness(
             self._forward(device),
             images,
@@ -400,7 +409,8 @@ class AttentionRegularizationCallback(Callback):
         )
         self.run_metrics.update_faithfulness(result.scores, result.undefined)
         self.run_metrics.update_kept({m: reg.maps[m].index_select(0, rows) for m in cfg.faithfulness_maps})
-        self._fixed_k_jobs.append((images, attention, result.clean_logits, ids, reg.grid))
+        # host copies: a run's images would otherwise stay on the device until its end (num_images of them)
+        self._fixed_k_jobs.append((images.cpu(), attention.cpu(), result.clean_logits.cpu(), ids, reg.grid))
         return {k: v.to(rows.device, torch.float64) for k, v in result.scores.items()}
 
     def _score_fixed_k(self, pl_module: L.LightningModule) -> None:
@@ -413,24 +423,29 @@ class AttentionRegularizationCallback(Callback):
         jobs, self._fixed_k_jobs = self._fixed_k_jobs, []
         if not kappa:
             return
-        rows = {row["id"]: row for row in self.image_stats}
+        rows: dict[int, list[dict[str, Any]]] = {}  # an id explained twice in a run (padding) has two rows
+        for row in self.image_stats:
+            rows.setdefault(row["id"], []).append(row)
         kwargs = {**self.config.faithfulness_kwargs(), "mode": "kept", "kept_maps": ()}
+        device = pl_module.device
         for images, attention, logits, ids, grid in jobs:
             try:
                 result = faithfulness(
-                    self._forward(images.device), images, attention, {}, grid, ids, fixed_k=kappa,
+                    self._forward(device), images.to(device), attention, {}, grid, ids, fixed_k=kappa,
                     clean_logits=logits, **kwargs,
                 )  # fmt: skip
             except Exception as err:
                 if self.config.on_error == "raise":
                     raise
-                rank_zero_warn(f"{self.prefix}: could not score the fixed-k baseline of {len(ids)} image(s): {err}")
+                # every rank's own failure is said (rank_zero_warn would hide the other ranks')
+                warnings.warn(f"{self.prefix}: could not score the fixed-k baseline of {len(ids)} image(s) on "
+                              f"rank {pl_module.global_rank}: {err}", stacklevel=2)  # fmt: skip
                 continue
             self.run_metrics.update_faithfulness(result.scores, {})
             listed = {k: v.tolist() for k, v in result.scores.items()}
             for j, sample_id in enumerate(ids):
-                if sample_id in rows:
-                    rows[sample_id].update({k: v[j] for k, v in listed.items()})
+                for row in rows.get(sample_id, []):
+                    row.update({k: v[j] for k, v in listed.items()})
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

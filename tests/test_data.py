@@ -161,3 +161,9 @@ def test_the_datamodule_carries_the_shortcut_mask_and_the_callback_reads_it():
     assert view.shortcut_masks is not None and torch.equal(view.shortcut_masks, batch[5])
     assert view.noise_masks.sum() == 0 and view.masks.sum() > 0  # no noise squares: an empty noise region
     assert (view.shortcut_masks.flatten(1).sum(1) == 64).all()
+
+
+def test_a_shortcut_with_more_classes_than_cue_colours_is_refused():
+    with pytest.raises(ValueError, match="shortcut_size=8 needs num_classes <= 4"):
+        ShapesSpec(image_size=64, num_classes=6, shortcut_size=8)
+    assert ShapesSpec(image_size=64, num_classes=6).shortcut_size == 0  # without a marker, any class count

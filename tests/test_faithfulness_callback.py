@@ -258,3 +258,13 @@ def test_a_failing_sanity_check_warns_and_the_fit_ends(tmp_path, monkeypatch):
             tiny_module(), tiny_data(val_size=4, batch_size=4)
         )
     assert not [k for k in cb.history[-1] if "sanity" in k] and cb.history[-1]["attnreg/explained"] == 4
+
+
+def test_a_marked_region_smaller_than_half_a_token_is_said_once(tmp_path):
+    # a 4-px marker on 8-px patches covers a quarter of a token at most: no token is the region's
+    cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, sanity_check=False)
+    data = tiny_data(val_size=8, batch_size=4, shortcut_size=4)
+    with pytest.warns(UserWarning, match="the shortcut masks cover no token by half") as said:
+        (logged,) = _trainer(tmp_path, [cb]).validate(tiny_module(), data, verbose=False)
+    assert len([w for w in said if "cover no token" in str(w.message)]) == 1  # two batches, one warning
+    assert not [k for k in logged if "shortcut" in k]

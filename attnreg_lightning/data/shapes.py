@@ -63,6 +63,11 @@ class ShapesSpec:
             raise ValueError(f"noise_squares must be >= 0, got {self.noise_squares}")
         if not 0 <= self.shortcut_size <= self.image_size // 4:
             raise ValueError(f"shortcut_size must be in [0, image_size / 4], got {self.shortcut_size}")
+        if self.shortcut_size and self.num_classes > CUE_OFFSET:
+            raise ValueError(
+                f"shortcut_size={self.shortcut_size} needs num_classes <= {CUE_OFFSET} (got {self.num_classes}): "
+                "beyond, a class's cue colour would be another class's object colour"
+            )
         for name in ("shortcut_leak", "shortcut_honest"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
