@@ -27,7 +27,6 @@ from attnreg_lightning.config import register_configs
 from attnreg_lightning.data.folder import ImageFiles
 from attnreg_lightning.models import HFViTClassifier, ImageClassifier, ViTClassifier
 from attnreg_lightning.sanity import describe as describe_sanity
-from attnreg_lightning.sanity import intervals as sanity_intervals
 
 register_configs()
 
@@ -100,9 +99,7 @@ def explain(cfg: DictConfig) -> Path:
     for row in stats:  # each probe's own sanity correlations beside its other statistics
         row.update({k: v for k, v in by_id.get(row["id"], {}).items() if k != "id"})
     if sanity:
-        callback.history[-1].update({f"{attnreg.name}/{k}": v for k, v in sanity.items()})
-        spans = {f"{attnreg.name}/{k}": list(v) for k, v in sanity_intervals(sanity).items()}  # over the draws
-        callback.history[-1].setdefault("intervals", {}).update(spans)
+        callback.record_sanity(sanity)
     if files is not None:
         for row in stats:
             row["path"] = str(files.paths[row["id"]])

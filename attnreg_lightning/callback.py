@@ -500,6 +500,15 @@ class AttentionRegularizationCallback(Callback):
         """How each pictured probe's raw and lfdr maps moved over the explained runs (up to ``log_images``)."""
         return self.pictures.evolution()
 
+    def record_sanity(self, sanity: dict[str, float]) -> dict[str, float]:
+        """Add a :meth:`sanity_check`'s values to the last explained run's record, with their 95% intervals over draws
+        where the report and ``explain_summary.json`` look for intervals; returns the values by logged key."""
+        logged = {f"{self.prefix}/{k}": v for k, v in sanity.items()}
+        self.history[-1].update(logged)
+        spans = {f"{self.prefix}/{k}": list(v) for k, v in intervals(sanity).items()}
+        self.history[-1].setdefault("intervals", {}).update(spans)
+        return logged
+
     def write_report(self, path: str | Path, evolution: list[tuple[np.ndarray, str]] | None = None) -> Path:
         """The HTML report of the runs explained so far (see :mod:`attnreg_lightning.report`)."""
         pictures = (self.evolution_pictures() if evolution is None else evolution) + [
@@ -559,13 +568,9 @@ class AttentionRegularizationCallback(Callback):
         if not trainer.is_global_zero:
             return
         if sanity:
-            logged = {f"{self.prefix}/{k}": v for k, v in sanity.items()}
+            logged = self.record_sanity(sanity)
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)
-            self.history[-1].update(logged)
-            # the means' 95% intervals over draws, where the report and explain_summary.json look for intervals
-            spans = {f"{self.prefix}/{k}": list(v) for k, v in intervals(sanity).items()}
-            self.history[-1].setdefault("intervals", {}).update(spans)
         evolution = self.evolution_pictures()
         if evolution:
             log_evolution(trainer.loggers, evolution, trainer.global_step, self.prefix)

@@ -391,15 +391,14 @@ class RegionShares(Metric):
     """
 
     full_state_update = False
-    REGIONS = REGIONS
 
     def __init__(self, maps: Sequence[str], **kwargs) -> None:
         super().__init__(**kwargs)
         self.maps = ["raw", *maps]
-        shape = (len(self.maps), len(self.REGIONS))
+        shape = (len(self.maps), len(REGIONS))
         self.add_state("on_region", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("seen", torch.zeros(len(self.REGIONS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros(len(REGIONS), dtype=torch.float64), dist_reduce_fx="sum")
         # per image i, y = the map on the region, x = the map in all (mass) or raw on the region (kept): sums of
         # y^2, x^2 and x y for the intervals
         for name in ("on_region_sq", "total_sq", "on_region_total", "on_region_raw"):
@@ -431,7 +430,7 @@ class RegionShares(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         out = {}
-        for j, region in enumerate(self.REGIONS):
+        for j, region in enumerate(REGIONS):
             if self.seen[j] == 0:
                 continue
             for i, m in enumerate(self.maps):
@@ -448,7 +447,7 @@ class RegionShares(Metric):
             mass = ratio_interval(y, self.total, self.on_region_sq, self.total_sq, self.on_region_total, n, level)
             raw, raw_sq = self.on_region[:1].expand_as(y), self.on_region_sq[:1].expand_as(y)
             kept = ratio_interval(y, raw, self.on_region_sq, raw_sq, self.on_region_raw, n, level)
-            for j, region in enumerate(self.REGIONS):
+            for j, region in enumerate(REGIONS):
                 if self.seen[j] < 2:
                     continue
                 for i, m in enumerate(self.maps):
