@@ -42,6 +42,7 @@ from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.report import write_report
 from attnreg_lightning.run_metrics import RunMetrics, image_rows, quiet_compute
 from attnreg_lightning.sanity import draw_keys, intervals, model_randomization, per_draw_scores, per_image, summarize
+from attnreg_lightning.token_drop import check_droppable
 
 __all__ = ["AttentionRegularizationCallback", "BatchView", "default_batch_to_images"]
 
@@ -158,6 +159,8 @@ class AttentionRegularizationCallback(Callback):
         self._precision = getattr(trainer, "precision", None)
         self.pictures.write_png = trainer is not None and wants_png(trainer.loggers)
         self._classify = None if self.config.faithfulness == "off" else classifier_forward(pl_module)
+        if self._classify is not None and self.config.faithfulness_baseline == "drop":
+            check_droppable(pl_module)  # refused now, with the reason, rather than at every batch
         self.engine = self._new_engine(pl_module)
         if self.config.faithfulness != "off" and self._classify is None:
             rank_zero_warn(
@@ -405,6 +408,7 @@ class AttentionRegularizationCallback(Callback):
             ids,
             regions=regions,
             clean_logits=None if reg.logits is None else reg.logits.index_select(0, rows),
+            model=self.engine.model,
             **cfg.faithfulness_kwargs(),
         )
         self.run_metrics.update_faithfulness(result.scores, result.undefined)
@@ -432,7 +436,7 @@ class AttentionRegularizationCallback(Callback):
             try:
                 result = faithfulness(
                     self._forward(device), images.to(device), attention, {}, grid, ids, fixed_k=kappa,
-                    clean_logits=logits, **kwargs,
+                    clean_logits=logits, model=self.engine.model, **kwargs,
                 )  # fmt: skip
             except Exception as err:
                 if self.config.on_error == "raise":

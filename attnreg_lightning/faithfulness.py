@@ -47,9 +47,10 @@ Definitions (per image):
 
 Cost: each distinct perturbed image of an image is forwarded once. Two sets that hold the same tokens for an image
 (its ``fixed_k_top@lfdr`` set and its ``lfdr`` set where the image keeps ``round(kappa T)`` tokens, two maps'
-curve steps, ...) share one forward, a set that keeps every
-token is the clean image, and an undefined value costs none. The clean forward itself is saved when the caller
-gives its logits (the engine's ``classify=True`` reads them in the forward that reads the attention).
+curve steps, ...) share one forward, a set that keeps every token is the clean image, and an undefined value costs
+none. With ``"drop"`` a forward costs less the fewer tokens it keeps (the images of a forward keep as many tokens
+each: the perturbed images are grouped by kept count). The clean forward itself is saved when the caller gives its
+logits (the engine's ``classify=True`` reads them in the forward that reads the attention).
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ from torch.nn import functional as F
 from attnreg_lightning.attention import classifier, resolve_vit
 from attnreg_lightning.bootstrap import rechunk, require_positive_int
 from attnreg_lightning.engine import eval_mode
+from attnreg_lightning.token_drop import check_droppable, keeping_tokens
 
 MODES = ("kept", "curves")
-BASELINES = ("mean", "blur", "zeros")
+PIXEL_BASELINES = ("mean", "blur", "zeros")
+BASELINES = (*PIXEL_BASELINES, "drop")
 KEPT_MAPS = ("p", "lfdr", "pi0", "q")
 CURVE_MAPS = ("raw", "posterior")
 FAITHFUL_KINDS = ("comprehensiveness", "sufficiency")
@@ -205,7 +208,7 @@ def baseline_images(images: Tensor, baseline: str, block: tuple[int, int]) -> Te
         return gaussian_blur(images, float(max(block)))
     if baseline == "zeros":
         return torch.zeros_like(images)
-    raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+    raise ValueError(f"baseline must be one of {list(PIXEL_BASELINES)}, got {baseline!r}")
 
 
 def compose(images: Tensor, base: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -228,28 +231,46 @@ def _distinct(masks: Tensor, wanted: Tensor) -> Tensor:
     return source
 
 
+def _forward_groups(pairs: Tensor, counts: Tensor | None, max_images: int) -> list[Tensor]:
+    """``pairs [P, 2]`` split into forwards of at most ``max_images``; with ``counts [P]`` (dropped tokens: a forward
+    is one sequence length) each forward's pairs keep as many tokens."""
+    if counts is None:
+        return list(pairs.split(max_images))
+    order = counts.argsort(stable=True)
+    pairs, counts = pairs[order], counts[order]
+    sizes = torch.unique_consecutive(counts, return_counts=True)[1].tolist()
+    return [chunk for group in pairs.split(sizes) for chunk in group.split(max_images)]
+
+
 def _class_probability(
     forward: Callable[[Tensor], Tensor],
     images: Tensor,
-    base: Tensor,
+    base: Tensor | None,
     grid: tuple[int, int],
     masks: Tensor,
     wanted: Tensor,
     predicted: Tensor,
     p_clean: Tensor,
     max_images: int,
+    model: nn.Module | None,
 ) -> Tensor:
     """``P_c`` of each image composed with each of ``masks [S, B, T]`` where ``wanted [S, B]``, ``[S, B]`` float64
     (NaN where not wanted). Each distinct perturbed image of an image is forwarded once, in forwards of at most
-    ``max_images`` images; a mask that keeps every token is the clean image (``p_clean``)."""
+    ``max_images`` images; a mask that keeps every token is the clean image (``p_clean``). Without ``base`` the
+    removed tokens are dropped from ``model``'s sequence instead of replaced by ``base``'s pixels."""
     clean = masks.all(dim=-1)
     source = _distinct(masks, wanted & ~clean)
     sets = torch.arange(len(masks), device=masks.device)[:, None]
     pairs = (wanted & ~clean & (source == sets)).nonzero()  # [P, 2]: (set, image), set-major
     probs = torch.full(wanted.shape, float("nan"), dtype=torch.float64, device=images.device)
-    for chunk in pairs.split(max_images):
+    counts = None if base is not None else masks[pairs[:, 0], pairs[:, 1]].sum(dim=1)
+    for chunk in _forward_groups(pairs, counts, max_images):
         s, b = chunk.unbind(1)
-        logits = forward(compose(images[b], base[b], masks[s, b], grid))
+        if base is not None:
+            logits = forward(compose(images[b], base[b], masks[s, b], grid))
+        else:
+            with keeping_tokens(model, masks[s, b]):
+                logits = forward(images[b])
         probs[s, b] = logits.to(torch.float64).softmax(dim=-1).gather(1, predicted[b, None])[:, 0]
     probs = torch.where(wanted, probs.gather(0, source), probs)
     return torch.where(wanted & clean, p_clean, probs)
@@ -269,11 +290,16 @@ def _check(
     clean_logits: Tensor | None,
     fixed_k: Mapping[str, float] | None,
     regions: Mapping[str, Tensor] | None,
+    model: nn.Module | None,
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+    if baseline == "drop":
+        if model is None:
+            raise ValueError("baseline='drop' needs the model whose tokens are dropped: pass model=")
+        check_droppable(model)
     require_positive_int(steps, "steps")
     require_positive_int(max_images, "max_images_per_forward")
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
@@ -335,6 +361,7 @@ def faithfulness(
     seed: int = 0,
     max_images_per_forward: int = 256,
     clean_logits: Tensor | None = None,
+    model: nn.Module | None = None,
 ) -> FaithfulnessResult:
     """Comprehensiveness and sufficiency of the ``kept_maps`` and of their size-matched random sets, and of the
     fixed-k top sets of ``fixed_k`` (``{map: kappa}``, a map there need not be among ``maps``: the images' top
@@ -346,11 +373,13 @@ def faithfulness(
     inputs, ``attention`` and ``maps`` ``[B, T]`` (moved to the images' device), ``grid`` the token grid,
     ``sample_ids`` the images' ids (they seed the random sets). ``clean_logits``: the caller's logits of
     ``images``, saving that forward. Every forward sees at most ``max_images_per_forward`` images.
+    ``baseline="drop"`` needs ``model``: the model ``forward`` runs, whose ViT (:func:`resolve_vit`) is run on the
+    kept tokens alone (``forward`` may be the ViT's own classifier or any forward that runs that ViT).
     """
     ids = torch.as_tensor(sample_ids, dtype=torch.int64)
     _check(
         images, attention, maps, grid, ids, mode, kept_maps, steps, baseline, max_images_per_forward, clean_logits,
-        fixed_k, regions,
+        fixed_k, regions, model,
     )  # fmt: skip
     device = images.device
     ids = ids.to(device)
@@ -406,12 +435,12 @@ def faithfulness(
         keeps["baseline"] = torch.zeros_like(attention, dtype=torch.bool)
         wanted["baseline"] = usable["raw"] | usable["posterior"]
 
-    base = baseline_images(images, baseline, block)
+    base = None if baseline == "drop" else baseline_images(images, baseline, block)
     probs: dict[str, Tensor] = {}
     if keeps:
         masks, needed = torch.stack(list(keeps.values())), torch.stack(list(wanted.values()))
         values = _class_probability(
-            forward, images, base, grid, masks, needed, predicted, p_clean, max_images_per_forward
+            forward, images, base, grid, masks, needed, predicted, p_clean, max_images_per_forward, model
         )
         probs = dict(zip(keeps, values, strict=True))
 

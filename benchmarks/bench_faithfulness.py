@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--max-images", type=int, nargs="+", default=[256],
+        help="max_images_per_forward of the engine and faithfulness; several sizes are timed side by side",
+    )  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -56,22 +60,25 @@ def main() -> None:
     images = torch.randn(args.batch, 3, *size, device=device)
     ids = list(range(args.batch))
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    engine = AttentionRegularizer(vit, n_bootstrap=args.n_bootstrap, autocast_dtype=dtype)
-    # as the callback scores faithfulness: the engine's forward of the clean images runs on to the head
-    classifying = AttentionRegularizer(vit, n_bootstrap=args.n_bootstrap, autocast_dtype=dtype, classify=True)
     classify = classifier_forward(vit)
 
     # kept-worst: the same cost with an lfdr map that keeps a random quarter of each image's tokens, so that every
     # image is defined and no set equals another (the upper bound of kept's cost: 6 forwards per image)
-    shape = classifying(images, ids).attention.shape
+    shape = AttentionRegularizer(vit, n_bootstrap=1)(images, ids).attention.shape
     quarter = torch.rand(shape, generator=torch.Generator().manual_seed(1)).argsort(1) < shape[1] // 4
-    modes = ("off", "kept", "kept-worst", "curves")
-    forwarded: dict[str, list[float]] = {m: [] for m in modes}  # images faithfulness forwarded per image, per call
-    undefined: dict[str, list[float]] = {m: [] for m in modes}
+    modes = [(m, size) for size in args.max_images for m in ("off", "kept", "kept-worst", "curves")]
+    forwarded: dict[tuple, list[float]] = {m: [] for m in modes}  # images faithfulness forwarded per image, per call
+    undefined: dict[tuple, list[float]] = {m: [] for m in modes}
 
-    def run(mode: str):
+    def run(key: tuple[str, int]):
+        mode, size = key
+        kwargs = {"n_bootstrap": args.n_bootstrap, "autocast_dtype": dtype, "max_images_per_forward": size}
+        engine = AttentionRegularizer(vit, **kwargs)
+        # as the callback scores faithfulness: the engine's forward of the clean images runs on to the head
+        classifying = AttentionRegularizer(vit, **kwargs, classify=True)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
-            forwarded[mode][-1] += len(x) / args.batch
+            forwarded[key][-1] += len(x) / args.batch
             with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
                 return classify(x)
 
@@ -81,37 +88,41 @@ def main() -> None:
                 return
             reg = classifying(images, ids)
             maps = reg.maps if mode != "kept-worst" else {**reg.maps, "lfdr": quarter.to(device).float()}
-            forwarded[mode].append(0.0)
+            forwarded[key].append(0.0)
             with torch.no_grad():
                 got = faithfulness(
                     forward, images, reg.attention, maps, reg.grid, ids, mode=mode.removesuffix("-worst"),
-                    steps=args.steps, clean_logits=reg.logits,
+                    steps=args.steps, clean_logits=reg.logits, max_images_per_forward=size,
                 )  # fmt: skip
                 # as the callback does at the run's end: the fixed-k baseline, kappa the mean lfdr kept fraction
                 kappa = float((maps["lfdr"] > 0).double().mean())
                 faithfulness(
                     forward, images, reg.attention, {}, reg.grid, ids, kept_maps=(), fixed_k={"lfdr": kappa},
-                    clean_logits=got.clean_logits,
+                    clean_logits=got.clean_logits, max_images_per_forward=size,
                 )  # fmt: skip
-            undefined[mode].append(got.undefined["lfdr"] / args.batch)
+            undefined[key].append(got.undefined["lfdr"] / args.batch)
 
         return go
 
-    for mode in modes:  # warm-up
-        run(mode)()
-    times: dict[str, list[float]] = {m: [] for m in modes}
+    for key in modes:  # warm-up
+        run(key)()
+    times: dict[tuple, list[float]] = {m: [] for m in modes}
     for _ in range(args.rounds):  # interleaved: drift hits every mode alike
-        for mode in modes:
-            times[mode].append(timed(run(mode), device))
-    base = statistics.median(times["off"])
-    for mode in modes:
-        t = statistics.median(times[mode])
+        for key in modes:
+            times[key].append(timed(run(key), device))
+    for key in modes:
+        mode, size = key
+        t = statistics.median(times[key])
         row = {
             "model": args.model, "device": str(device), "dtype": args.dtype, "B": args.batch, "N": args.n_bootstrap,
-            "faithfulness": mode, "steps": args.steps, "engine_forwards_per_image": args.n_bootstrap + 1,
-            "forwards_per_image": round(statistics.mean(forwarded[mode] or [0]), 2),
-            "lfdr_undefined_fraction": round(statistics.mean(undefined[mode] or [0]), 3),
-            "ms_per_image": round(t / args.batch * 1e3, 2), "ratio": round(t / base, 3),
+            "max_images_per_forward": size, "faithfulness": mode, "steps": args.steps,
+            "engine_forwards_per_image": args.n_bootstrap + 1,
+            "forwards_per_image": round(statistics.mean(forwarded[key] or [0]), 2),
+            "lfdr_undefined_fraction": round(statistics.mean(undefined[key] or [0]), 3),
+            "ms_per_image": round(t / args.batch * 1e3, 2),
+            # against the engine alone at the same size, and at the first size given
+            "ratio": round(t / statistics.median(times[("off", size)]), 3),
+            "ratio_to_first_engine": round(t / statistics.median(times[("off", args.max_images[0])]), 3),
         }  # fmt: skip
         print(json.dumps(row), flush=True)
 
