@@ -123,6 +123,76 @@ def classifier_forward(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
     return forward
 
 
+PREDICTIONS = ("auto", "module", "vit")
+
+
+@dataclass
+class Prediction:
+    """The forward whose class scores faithfulness scores: ``forward`` (``images -> logits``, None when there is
+    none), ``source`` (``"module"``: the module's own forward; ``"vit"``: the ViT's own head, which the engine's
+    attention forward also gives) and ``note``, why, when the choice is worth a word."""
+
+    forward: Callable[[Tensor], Tensor] | None
+    source: str | None
+    note: str | None = None
+
+
+def _module_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    def forward(images: Tensor) -> Tensor:
+        with eval_mode(module):
+            return module(images)
+
+    return forward
+
+
+@torch.no_grad()
+def prediction_forward(module: nn.Module, images: Tensor, prefer: str = "auto") -> Prediction:
+    """What ``module`` predicts, for the faithfulness scores: ``prefer="auto"`` takes the module's own forward where
+    it returns class scores ``[B, classes]`` for ``images`` (a LightningModule may predict with a head of its own,
+    e.g. over a backbone that kept its pretrained 1000-class head), and the ViT's head (:func:`classifier_forward`)
+    where its logits are the module's, or the module's forward gives none. ``"module"`` and ``"vit"`` take that one
+    (refused with the reason when it gives no class scores)."""
+    if prefer not in PREDICTIONS:
+        raise ValueError(f"faithfulness_prediction must be one of {list(PREDICTIONS)}, got {prefer!r}")
+    own = classifier_forward(module)
+    if resolve_vit(module) is module or prefer == "vit":
+        if own is None and prefer == "vit":
+            raise ValueError(f"faithfulness_prediction='vit': {type(resolve_vit(module)).__name__} has no head")
+        return Prediction(own, None if own is None else "vit")
+    forward = _module_forward(module)
+    try:
+        scores = forward(images)
+        why = None
+    except Exception as err:  # a forward that takes more than images, or other inputs
+        scores, why = None, f"it raised {type(err).__name__}: {err}"
+    if scores is not None and not (
+        isinstance(scores, Tensor)
+        and scores.dim() == 2
+        and scores.shape[0] == len(images)
+        and scores.is_floating_point()
+    ):
+        why = f"it returned {type(scores).__name__}{tuple(scores.shape) if isinstance(scores, Tensor) else ''}"
+        scores = None
+    if prefer == "module":
+        if scores is None:
+            raise ValueError(f"faithfulness_prediction='module': {type(module).__name__}'s forward gives no class "
+                             f"scores [B, classes] for a batch of images ({why})")  # fmt: skip
+        return Prediction(forward, "module")
+    if scores is None:
+        note = None
+        if own is not None:
+            note = (f"{type(module).__name__}'s forward gives no class scores [B, classes] for a batch of images "
+                    f"({why}), so the faithfulness scores are those of the ViT's own head")  # fmt: skip
+        return Prediction(own, None if own is None else "vit", note)
+    if own is not None:
+        vit_scores = own(images)
+        if vit_scores.shape == scores.shape and torch.allclose(
+            vit_scores.float(), scores.float(), rtol=1e-4, atol=1e-5
+        ):
+            return Prediction(own, "vit")
+    return Prediction(forward, "module")
+
+
 def _shr(x: Tensor, bits: int) -> Tensor:
     """Logical right shift of int64 words (torch's ``>>`` is arithmetic: it copies the sign bit in)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
