@@ -530,10 +530,24 @@ class AttentionRegularizationCallback(Callback):
         self._stop_statistics()
 
     def _stop_statistics(self) -> None:
+        """End the statistics thread without running the rest of a stopped run: the jobs not started are cancelled,
+        only the running one is waited for, and the jobs that failed are warned of (their images were never counted:
+        a stop leaves no run's end to count them). Never raises: Lightning re-raises the exception that stopped the
+        run once the ``on_exception`` hooks return, and an error here would take its place."""
+        jobs = [*self._pending, *self._drawing]
         self._pending.clear()
         self._drawing.clear()
+        cancelled = sum(future.cancel() for future, _ in jobs)
         if isinstance(self.engine, AttentionRegularizer):
-            self.engine.close()
+            self.engine.close()  # the running job's end: the others are cancelled
+        errors = [err for future, _ in jobs if not future.cancelled() and (err := future.exception()) is not None]
+        if errors:
+            # every rank says its own (rank_zero_warn would hide the other ranks')
+            warnings.warn(
+                f"{self.prefix}: the run stopped with {len(errors)} failed background job(s) (the first: "
+                f"{type(errors[0]).__name__}: {errors[0]}); {cancelled} job(s) not started were cancelled",
+                stacklevel=2,
+            )
 
     def sanity_check(self, pl_module: L.LightningModule) -> dict[str, float]:
         """Model randomization (:mod:`attnreg_lightning.sanity`): the last explained probes (up to

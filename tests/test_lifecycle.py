@@ -1,0 +1,49 @@
+"""The callback's lifecycle in a real Trainer: a stopped run, several loaders, sharded strategies, a resume with
+other knobs, a model whose attention is not finite."""
+
+import threading
+import time
+
+import lightning as L
+import pytest
+
+from attnreg_lightning import AttentionRegularizationCallback
+from tests.helpers import tiny_data, tiny_module
+from tests.test_callback import _trainer
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stopped_run_cancels_the_queued_statistics_and_warns_of_the_running_ones_failure(tmp_path, monkeypatch):
+    started, release = [], threading.Event()
+
+    def significance(*args, **kwargs):
+        started.append(len(started))
+        if len(started) == 1:  # the first job holds the thread until the run has stopped
+            release.wait(30)
+        raise RuntimeError("statistics failed on purpose")
+
+    monkeypatch.setattr("attnreg_lightning.engine.significance", significance)
+
+    def stop(trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 4:  # jobs 1-3 queued behind the running job 0
+            for _ in range(1000):
+                if started:
+                    break
+                time.sleep(0.01)
+            threading.Timer(2.0, release.set).start()  # the stop has cancelled the queue by then
+            raise Stop("stopped on purpose")
+
+    cb = AttentionRegularizationCallback(
+        n_bootstrap=2, num_images=8, log_images=0, statistics="background", faithfulness="off"
+    )
+    trainer = _trainer(tmp_path, [L.pytorch.callbacks.LambdaCallback(on_validation_batch_start=stop), cb], False)
+    before = set(threading.enumerate())
+    with pytest.warns(UserWarning, match=r"1 failed background job.*statistics failed on purpose.*3 job\(s\) not "
+                                         r"started were cancelled"):  # fmt: skip
+        with pytest.raises(Stop, match="stopped on purpose"):  # the exception that stopped the run, not ours
+            trainer.validate(tiny_module(), tiny_data(val_size=8, batch_size=1), verbose=False)
+    assert started == [0]  # the queued jobs never ran
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive() and "statistics" in t.name]
