@@ -48,6 +48,10 @@ def main() -> None:
         "--max-images", type=int, nargs="+", default=[256],
         help="max_images_per_forward of the engine and faithfulness; several sizes are timed side by side",
     )  # fmt: skip
+    ap.add_argument(
+        "--baseline", nargs="+", default=["mean"], choices=["mean", "blur", "zeros", "drop"],
+        help="what removed tokens become; several are timed side by side ('drop': dropped from the sequence)",
+    )  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -66,12 +70,14 @@ def main() -> None:
     # image is defined and no set equals another (the upper bound of kept's cost: 6 forwards per image)
     shape = AttentionRegularizer(vit, n_bootstrap=1)(images, ids).attention.shape
     quarter = torch.rand(shape, generator=torch.Generator().manual_seed(1)).argsort(1) < shape[1] // 4
-    modes = [(m, size) for size in args.max_images for m in ("off", "kept", "kept-worst", "curves")]
+    faithful = ("kept", "kept-worst", "curves")
+    modes = [("off", size, "-") for size in args.max_images]
+    modes += [(m, size, b) for size in args.max_images for b in args.baseline for m in faithful]
     forwarded: dict[tuple, list[float]] = {m: [] for m in modes}  # images faithfulness forwarded per image, per call
     undefined: dict[tuple, list[float]] = {m: [] for m in modes}
 
-    def run(key: tuple[str, int]):
-        mode, size = key
+    def run(key: tuple[str, int, str]):
+        mode, size, baseline = key
         kwargs = {"n_bootstrap": args.n_bootstrap, "autocast_dtype": dtype, "max_images_per_forward": size}
         engine = AttentionRegularizer(vit, **kwargs)
         # as the callback scores faithfulness: the engine's forward of the clean images runs on to the head
@@ -92,13 +98,14 @@ def main() -> None:
             with torch.no_grad():
                 got = faithfulness(
                     forward, images, reg.attention, maps, reg.grid, ids, mode=mode.removesuffix("-worst"),
-                    steps=args.steps, clean_logits=reg.logits, max_images_per_forward=size,
+                    steps=args.steps, clean_logits=reg.logits, max_images_per_forward=size, baseline=baseline,
+                    model=vit,
                 )  # fmt: skip
                 # as the callback does at the run's end: the fixed-k baseline, kappa the mean lfdr kept fraction
                 kappa = float((maps["lfdr"] > 0).double().mean())
                 faithfulness(
                     forward, images, reg.attention, {}, reg.grid, ids, kept_maps=(), fixed_k={"lfdr": kappa},
-                    clean_logits=got.clean_logits, max_images_per_forward=size,
+                    clean_logits=got.clean_logits, max_images_per_forward=size, baseline=baseline, model=vit,
                 )  # fmt: skip
             undefined[key].append(got.undefined["lfdr"] / args.batch)
 
@@ -111,18 +118,18 @@ def main() -> None:
         for key in modes:
             times[key].append(timed(run(key), device))
     for key in modes:
-        mode, size = key
+        mode, size, baseline = key
         t = statistics.median(times[key])
         row = {
             "model": args.model, "device": str(device), "dtype": args.dtype, "B": args.batch, "N": args.n_bootstrap,
-            "max_images_per_forward": size, "faithfulness": mode, "steps": args.steps,
+            "max_images_per_forward": size, "faithfulness": mode, "baseline": baseline, "steps": args.steps,
             "engine_forwards_per_image": args.n_bootstrap + 1,
             "forwards_per_image": round(statistics.mean(forwarded[key] or [0]), 2),
             "lfdr_undefined_fraction": round(statistics.mean(undefined[key] or [0]), 3),
             "ms_per_image": round(t / args.batch * 1e3, 2),
             # against the engine alone at the same size, and at the first size given
-            "ratio": round(t / statistics.median(times[("off", size)]), 3),
-            "ratio_to_first_engine": round(t / statistics.median(times[("off", args.max_images[0])]), 3),
+            "ratio": round(t / statistics.median(times[("off", size, "-")]), 3),
+            "ratio_to_first_engine": round(t / statistics.median(times[("off", args.max_images[0], "-")]), 3),
         }  # fmt: skip
         print(json.dumps(row), flush=True)
 
