@@ -15,7 +15,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -134,6 +136,8 @@ class AttentionRegularizationCallback(Callback):
         self._pending: deque[tuple[Future[None], _Job]] = deque()
         self._drawing: deque[tuple[Future[None], _Job]] = deque()  # inline statistics: pictures being drawn
         self._failed_images = 0  # counted on the training thread, added to the metrics once the run's jobs are done
+        self._error: Exception | None = None  # this run's first error on this rank, raised once every rank knows
+        self._rank, self._world_size = 0, 1
         self._warned_regions: set[str] = set()  # regions whose masks cover no token: said once
         self._fixed_k_jobs: list[tuple[Tensor, Tensor, Tensor, list[int], tuple[int, int]]] = []  # scored at run end
         self._sanity_images: dict[int, Tensor] = {}  # a few probes' images (host), for the sanity check
@@ -157,6 +161,8 @@ class AttentionRegularizationCallback(Callback):
         check_model(vit)
         self._fitting = stage == "fit"
         self._precision = getattr(trainer, "precision", None)
+        if trainer is not None:
+            self._rank, self._world_size = trainer.global_rank, trainer.world_size
         self.pictures.write_png = trainer is not None and wants_png(trainer.loggers)
         self._classify = None if self.config.faithfulness == "off" else classifier_forward(pl_module)
         if self._classify is not None and self.config.faithfulness_baseline == "drop":
@@ -234,6 +240,7 @@ class AttentionRegularizationCallback(Callback):
         self._pending.clear()
         self._drawing.clear()
         self._failed_images = 0
+        self._error = None
         self._fixed_k_jobs = []
         self.run_metrics.reset("cpu" if self._background else statistics_device(pl_module.device))
 
@@ -247,22 +254,17 @@ class AttentionRegularizationCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active or dataloader_idx != self.config.dataloader_idx:
+        # after a failure to raise, this rank explains no more: the run's end raises it on every rank
+        if not self._active or dataloader_idx != self.config.dataloader_idx or self._error is not None:
             return
-        view = self.batch_to_images(batch)
-        # once chosen, the probes are explained wherever they are (shuffled or distributed loaders); until
-        # then, the first explained run picks them: the first num_images this rank sees
-        wanted = self.probes.is_probe if self.probes.chosen else None
-        rows, ids = self._picker.pick(view, trainer.global_rank, wanted, self._padding)
-        if not rows:
+        try:
+            job = self._job(trainer, pl_module, batch, batch_idx)
+        except Exception as err:  # a batch the reader can't read: a bug to raise, whatever on_error says
+            self._error = err
             return
-        if wanted is None:
-            self.probes.pick(ids)
-        size = view.images.shape[0]
-        images = take_rows(view.images, rows, size).to(pl_module.device)
-        masks, noise = take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size)
-        shortcut = take_rows(view.shortcut_masks, rows, size)
-        job = _Job(batch_idx, ids, images, masks, noise, shortcut, images if trainer.is_global_zero else None)
+        if job is None:
+            return
+        images, ids = job.images, job.ids
         try:
             check_masks(job.masks, images, "masks")
             check_masks(job.noise_masks, images, "noise masks")
@@ -274,6 +276,23 @@ class AttentionRegularizationCallback(Callback):
         except Exception as err:
             self._failed(err, job)
         self._collect(wait=False)
+
+    def _job(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> _Job | None:
+        """The batch's images to explain now, on the model's device, with what their records need (None if none)."""
+        view = self.batch_to_images(batch)
+        # once chosen, the probes are explained wherever they are (shuffled or distributed loaders); until
+        # then, the first explained run picks them: the first num_images this rank sees
+        wanted = self.probes.is_probe if self.probes.chosen else None
+        rows, ids = self._picker.pick(view, trainer.global_rank, wanted, self._padding)
+        if not rows:
+            return None
+        if wanted is None:
+            self.probes.pick(ids)
+        size = view.images.shape[0]
+        images = take_rows(view.images, rows, size).to(pl_module.device)
+        masks, noise = take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size)
+        shortcut = take_rows(view.shortcut_masks, rows, size)
+        return _Job(batch_idx, ids, images, masks, noise, shortcut, images if trainer.is_global_zero else None)
 
     def _submit(self, trainer: L.Trainer, job: _Job) -> None:
         """The forwards now; the statistics and everything after them (metrics, probes, pictures) in the engine's
@@ -300,16 +319,49 @@ class AttentionRegularizationCallback(Callback):
                     if queue is self._pending:
                         self._failed(err, job)
                     elif self.config.on_error == "raise":
-                        raise
+                        self._error = self._error or err
                     else:  # the images are explained and counted: only their pictures are missing
                         rank_zero_warn(f"{self.prefix}: could not draw validation batch {job.batch_idx}: {err}")
 
     def _failed(self, err: Exception, job: _Job) -> None:
+        """A batch that could not be explained: raised at the run's end (the first one), or warned and counted."""
         if self.config.on_error == "raise":
-            raise err
+            self._error = self._error or err
+            return
         take = len(job.ids)
-        rank_zero_warn(f"{self.prefix}: could not explain {take} image(s) of validation batch {job.batch_idx}: {err}")
+        # every rank says its own (rank_zero_warn would hide the other ranks')
+        warnings.warn(
+            f"{self.prefix}: could not explain {take} image(s) of validation batch {job.batch_idx}{self._on_rank}: "
+            f"{err}",
+            stacklevel=2,
+        )
         self._failed_images += take
+
+    @property
+    def _on_rank(self) -> str:
+        return f" on rank {self._rank}" if self._world_size > 1 else ""
+
+    def _raise_if_a_rank_failed(self, strategy: Strategy | None, error: Exception | None) -> None:
+        """Every rank raises if one failed, before any rank enters a collective: a rank that raised alone would leave
+        the others waiting in the next one (for the process group's timeout: 30 minutes under NCCL). The failed rank
+        raises its own error, the others one that names it. A collective: every rank calls it. The ranks decide
+        through the Trainer's ``strategy``, as Lightning's callbacks do; without one (a module no Trainer runs), the
+        errors are gathered from every rank of torch.distributed's process group."""
+        if strategy is not None and not strategy.reduce_boolean_decision(error is not None, all=False):
+            return
+        said = None if error is None else f"{type(error).__name__}: {error}"
+        messages = [said]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            messages = [None] * dist.get_world_size()
+            dist.all_gather_object(messages, said)
+        if error is not None:
+            raise error
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise RuntimeError(f"{self.prefix}: rank {rank} failed, so every rank stops here: {message}")
+        if strategy is not None:  # a rank failed, and the strategy's processes gather no objects (no process group)
+            raise RuntimeError(f"{self.prefix}: another rank failed, so every rank stops here (its error is there)")
 
     def _record(self, trainer: L.Trainer, job: _Job, reg: RegularizedAttention) -> None:
         """Metrics, probes and pictures of one explained batch (in the statistics thread, with background
@@ -457,7 +509,11 @@ class AttentionRegularizationCallback(Callback):
             return
         self._collect(wait=True)
         self.run_metrics.count_failed(self._failed_images)
-        self._score_fixed_k(pl_module)
+        try:
+            self._score_fixed_k(pl_module)
+        except Exception as err:  # on_error="raise"
+            self._error = self._error or err
+        self._raise_if_a_rank_failed(trainer.strategy, self._error)
         # compute() syncs across ranks, so every rank calls it, whatever it explained, and logs the same values
         results = self.run_metrics.compute(statistics_device(pl_module.device))
         values = {f"{self.prefix}/{k}": v.float() for k, v in results.items()}
@@ -480,25 +536,34 @@ class AttentionRegularizationCallback(Callback):
                 "(no lfdr discoveries), counted in lfdr_fit_failed"
             )
         self.probes.end_run()  # a collective: every rank, every explained run
+        error = None
+        try:  # rank 0 alone logs: a failure there must not leave the other ranks in the training's next collective
+            self._log_pictures(trainer)
+        except Exception as err:
+            error = err
+        self._raise_if_a_rank_failed(trainer.strategy, error)
+
+    def _log_pictures(self, trainer: L.Trainer) -> None:
         pictured = self.pictures.end_run()  # rank 0 only draws
-        if pictured is not None:
-            stage = _stage(trainer)
-            try:
-                unknown = log_pictures(
-                    trainer.loggers,
-                    pictured.rows,
-                    pictured.z_observed,
-                    pictured.z_null,
-                    trainer.global_step,
-                    stage,
-                    self.prefix,
-                )
-            finally:
-                pictured.close()  # the loggers have copied the PNG files they take
-            if unknown and not self._warned_loggers:
-                warn_unknown(unknown)
-                self._warned_loggers = True
-            self._last_rows = pictured.rows
+        if pictured is None:
+            return
+        stage = _stage(trainer)
+        try:
+            unknown = log_pictures(
+                trainer.loggers,
+                pictured.rows,
+                pictured.z_observed,
+                pictured.z_null,
+                trainer.global_step,
+                stage,
+                self.prefix,
+            )
+        finally:
+            pictured.close()  # the loggers have copied the PNG files they take
+        if unknown and not self._warned_loggers:
+            warn_unknown(unknown)
+            self._warned_loggers = True
+        self._last_rows = pictured.rows
 
     def evolution_pictures(self) -> list[tuple[np.ndarray, str]]:
         """How each pictured probe's raw and lfdr maps moved over the explained runs (up to ``log_images``)."""
@@ -559,6 +624,7 @@ class AttentionRegularizationCallback(Callback):
         draws = self.config.sanity_draws
         metric = MeanScores(draw_keys(draws))  # one mean per draw, over every rank's probes
         self.sanity_rows = []
+        error = None
         try:  # whatever happens on this rank, every rank reaches the reduction below (no rank left waiting)
             if self._sanity_images:
                 ids = sorted(self._sanity_images)
@@ -572,9 +638,12 @@ class AttentionRegularizationCallback(Callback):
                     self.sanity_rows = image_rows(per_image(rho), ids)
         except Exception as err:
             if self.config.on_error == "raise":
-                raise
-            message = f"{self.prefix}.sanity_check failed on this rank, its probes are left out: {err}"
-            warnings.warn(message, stacklevel=2)
+                error = err
+            else:
+                message = f"{self.prefix}.sanity_check failed on this rank, its probes are left out: {err}"
+                warnings.warn(message, stacklevel=2)
+        trainer = getattr(pl_module, "_trainer", None)  # None: a module no Trainer ran (one process)
+        self._raise_if_a_rank_failed(None if trainer is None else trainer.strategy, error)
         results = quiet_compute(metric.to(statistics_device(pl_module.device)))
         return summarize({k: float(v) for k, v in results.items() if torch.isfinite(v)}, draws)
 
@@ -583,8 +652,16 @@ class AttentionRegularizationCallback(Callback):
         if not self.history:
             return
         sanity = self.sanity_check(pl_module) if self.config.sanity_check else {}
-        if not trainer.is_global_zero:
-            return
+        error = None
+        try:  # rank 0 alone reports: a failure there must not leave the other ranks in a later collective
+            if trainer.is_global_zero:
+                self._report(trainer, sanity)
+        except Exception as err:
+            error = err
+        self._raise_if_a_rank_failed(trainer.strategy, error)
+
+    def _report(self, trainer: L.Trainer, sanity: dict[str, float]) -> None:
+        """The sanity check's values, the evolution pictures and the report, to the loggers."""
         if sanity:
             logged = self.record_sanity(sanity)
             for logger in trainer.loggers:

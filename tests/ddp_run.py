@@ -2,16 +2,20 @@
 
 Run as a script (Lightning's DDP launcher re-executes it for each rank):
     python tests/ddp_run.py OUT.json --devices 2 [--uneven] [--first N] [--no-ids] [--log-images K]
-or, for one process, in the test's own process: ``main([OUT.json, "--first", "15"])``.
+or one process per rank, started as torchrun or SLURM start them (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT``
+... in each one's environment: Lightning then launches nothing); or, for one process, in the test's own process:
+``main([OUT.json, "--first", "15"])``.
 
-Each rank also writes ``OUT.rank<r>.json``: the sample ids its engine was called with, the z-scores of
-each image's first null image and the captions of the pictures it sent to a logger.
+Each rank also writes ``OUT.rank<r>.json``, whether the run ends or raises: the sample ids its engine was called with,
+the z-scores of each image's first null image, the captions of the pictures it sent to a logger, and, with a failure
+injected (``--fail-at``), when it failed (``failed_at``), when the rank ended (``ended_at``) and its error.
 """
 
 import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,9 +53,9 @@ class Val(L.LightningDataModule):
 class Recording(AttentionRegularizationCallback):
     """The callback, with a record of what its engine was asked and gave."""
 
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        self.record = {"ids": [], "first_nulls": [], "pictures": []}
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.record = {"ids": [], "first_nulls": [], "pictures": [], "failed_at": None, "error": None}
 
     def _record(self, trainer, job, reg):
         self.record["ids"] += list(job.ids)
@@ -69,21 +73,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-images", type=int, default=0)
     ap.add_argument("--statistics", default="auto", choices=["auto", "inline", "background"])
     ap.add_argument("--on-error", default="warn", choices=["warn", "raise"])
-    ap.add_argument("--fail-statistics-on-rank", type=int, help="this rank's statistics raise (fault injection)")
+    ap.add_argument("--fail-on-rank", type=int, help="fault injection: this rank fails where --fail-at says")
+    ap.add_argument(
+        "--fail-at",
+        default="statistics",
+        choices=["statistics", "sanity", "pictures"],
+        help="each batch's statistics, the sanity check or the pictures' logging (rank 0 alone logs pictures)",
+    )
+    ap.add_argument("--sanity", action="store_true", help="after the validation, the sanity check (as explain.py)")
     args = ap.parse_args(argv)
     if argv is not None and args.devices != 1:
         raise ValueError("in-process runs are single-process: launch DDP as a script")
     L.seed_everything(0, verbose=False)
-    real_significance = engine_module.significance
-    if (
-        args.fail_statistics_on_rank is not None
-        and int(os.environ.get("LOCAL_RANK", 0)) == args.fail_statistics_on_rank
-    ):
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    failing = args.fail_at if args.fail_on_rank == rank else None
 
-        def failing_significance(*args, **kwargs):
-            raise RuntimeError("statistics failed on purpose")
+    def fail(*_args, **_kwargs):
+        callback.record["failed_at"] = callback.record["failed_at"] or time.time()
+        raise RuntimeError(f"{failing} failed on purpose")
 
-        engine_module.significance = failing_significance
+    real_significance, real_randomization = engine_module.significance, callback_module.model_randomization
+    if failing == "statistics":
+        engine_module.significance = fail
+    if failing == "sanity":
+        callback_module.model_randomization = fail
 
     def without_ids(batch):
         view = default_batch_to_images(batch)
@@ -97,11 +110,14 @@ def main(argv: list[str] | None = None) -> None:
         batch_to_images=without_ids if args.no_ids else None,
         statistics=args.statistics,
         on_error=args.on_error,
+        sanity_draws=2,
     )
     real_log_pictures = callback_module.log_pictures
 
     def log_pictures(loggers, rows, *rest, **kw):
         callback.record["pictures"] += [r.caption for r in rows]
+        if failing == "pictures":
+            fail()
         return real_log_pictures(loggers, rows, *rest, **kw)
 
     callback_module.log_pictures = log_pictures
@@ -116,11 +132,19 @@ def main(argv: list[str] | None = None) -> None:
             enable_model_summary=False,
             use_distributed_sampler=not (args.uneven or args.no_ids),
         )
-        (metrics,) = trainer.validate(tiny_module(), Val(args.uneven, args.first), verbose=False)
+        module = tiny_module()
+        (metrics,) = trainer.validate(module, Val(args.uneven, args.first), verbose=False)
+        if args.sanity:
+            callback.sanity_check(module)
+    except BaseException as err:
+        callback.record["error"] = f"{type(err).__name__}: {err}"
+        raise
     finally:  # an in-process run leaves the modules as it found them
         callback_module.log_pictures = real_log_pictures
+        callback_module.model_randomization = real_randomization
         engine_module.significance = real_significance
-    Path(f"{args.out}.rank{trainer.global_rank}.json").write_text(json.dumps(callback.record))
+        callback.record["ended_at"] = time.time()
+        Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(callback.record))
     if trainer.is_global_zero:
         Path(args.out).write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
 

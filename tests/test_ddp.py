@@ -3,6 +3,7 @@ references run in the test's own process: the same script, no interpreter to lau
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_background_statistics_in_ddp_report_what_one_inline_process_reports(tmp
 
 def test_a_failing_statistics_thread_on_one_rank_stops_the_run_with_its_message(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    args = ["--devices", "2", "--statistics", "background", "--on-error", "raise", "--fail-statistics-on-rank", "1"]
+    args = ["--devices", "2", "--statistics", "background", "--on-error", "raise", "--fail-on-rank", "1"]
     # a hang (the other rank waiting in a collective) would end in TimeoutExpired
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path / "out.json"), *args],
@@ -117,3 +118,71 @@ def test_a_failing_statistics_thread_on_one_rank_stops_the_run_with_its_message(
     )  # fmt: skip
     assert proc.returncode != 0
     assert "statistics failed on purpose" in proc.stderr
+
+
+def _each_rank_its_own_process(tmp_path: Path, name: str, *args: str) -> list[tuple[int, str, dict]]:
+    """Two ranks, each started on its own as torchrun or SLURM start them: no Lightning launcher watches them (it
+    kills every rank once a child rank fails), so a rank left waiting in a collective would wait. Each rank's exit
+    code, stderr and record (``ddp_run``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / f"{name}.json"
+    procs, logs = [], [tmp_path / f"{name}.rank{rank}.stderr" for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0", "LOCAL_RANK": str(rank)}  # fmt: skip
+        command = [sys.executable, str(SCRIPT), str(out), "--devices", "2", *args]
+        with open(log, "w") as stderr:  # a file, not a pipe: a rank that fills a pipe no one reads would stall
+            procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stderr=stderr))
+    try:
+        for proc in procs:
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [
+        (proc.returncode, log.read_text(), _record(tmp_path, name, r))
+        for r, (proc, log) in enumerate(zip(procs, logs, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("statistics", ["inline", "background"])
+def test_one_rank_failing_with_on_error_warn_is_warned_there_and_every_rank_goes_on(tmp_path, statistics):
+    ranks = _each_rank_its_own_process(tmp_path, "warn", "--statistics", statistics, "--fail-on-rank", "1")
+    for rank, (code, stderr, _) in enumerate(ranks):
+        assert code == 0, (rank, stderr[-3000:])
+    # rank 1's own warning names its error (rank 0 has no word of it); its images are counted as failed
+    assert "could not explain 4 image(s) of validation batch 0 on rank 1: statistics failed on purpose" in ranks[1][1]
+    assert "failed on purpose" not in ranks[0][1]
+    metrics = json.loads((tmp_path / "warn.json").read_text())
+    assert (metrics["attnreg/explained"], metrics["attnreg/skipped_error"]) == (12, 12)
+
+
+@pytest.mark.parametrize(
+    ("failing", "where", "args"),
+    [
+        (1, "statistics", ["--statistics", "inline"]),  # a batch's statistics: the run's end decides
+        (1, "statistics", ["--statistics", "background"]),
+        (0, "pictures", ["--log-images", "1"]),  # rank 0 alone logs pictures, after the run's collectives
+        (1, "sanity", ["--sanity"]),  # the sanity check's reduction
+    ],
+    ids=["statistics-inline", "statistics-background", "pictures-rank0", "sanity"],
+)
+def test_one_rank_failing_with_on_error_raise_stops_every_rank_promptly_with_its_error(tmp_path, failing, where, args):
+    ranks = _each_rank_its_own_process(
+        tmp_path, "raise", "--on-error", "raise", "--fail-on-rank", str(failing), "--fail-at", where, *args
+    )
+    failed_at = ranks[failing][2]["failed_at"]
+    assert failed_at is not None
+    message = f"{where} failed on purpose"
+    for rank, (code, stderr, record) in enumerate(ranks):
+        assert code != 0, (rank, stderr[-3000:])
+        # every rank raises the error itself, none a broken connection or a timeout of a collective it waited in
+        if rank == failing:
+            assert record["error"] == f"RuntimeError: {message}", rank
+        else:
+            assert record["error"] == f"RuntimeError: attnreg: rank {failing} failed, so every rank stops here: " \
+                                      f"RuntimeError: {message}"  # fmt: skip
+        # far below any process group's timeout (30 minutes): no rank waited for the failed one
+        assert record["ended_at"] - failed_at < 60, rank
