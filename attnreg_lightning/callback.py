@@ -131,6 +131,7 @@ class AttentionRegularizationCallback(Callback):
         self._fitting = True
         self._padding: Callable[[int], bool] | None = None  # the explained loader's sampler padding, per run
         self._warned_loggers = False
+        self._warned_loaders = False
         self._logged_config = False
         self._background = False
         self._pending: deque[tuple[Future[None], _Job]] = deque()
@@ -227,6 +228,9 @@ class AttentionRegularizationCallback(Callback):
             raise ValueError(
                 f"{self.prefix}.dataloader_idx={cfg.dataloader_idx}, but this validation has {loaders} loader(s)"
             )
+        if not self._warned_loaders and loaders > 1 and cfg.num_images > 0:
+            self._warned_loaders = True
+            self._warn_of_unexplained_loaders(trainer, loaders)
         if self._active:  # the explained loader's sampler is fixed for the run
             dataloaders = trainer.val_dataloaders
             single = not isinstance(dataloaders, (list, tuple))
@@ -243,6 +247,24 @@ class AttentionRegularizationCallback(Callback):
         self._error = None
         self._fixed_k_jobs = []
         self.run_metrics.reset("cpu" if self._background else statistics_device(pl_module.device))
+
+    def _warn_of_unexplained_loaders(self, trainer: L.Trainer, loaders: int) -> None:
+        """A validation loader no callback explains is said once, by the first callback of the Trainer: its images
+        are in none of the logged values, which a user reading them as the validation's would not know."""
+        ours = [
+            c for c in trainer.callbacks if isinstance(c, AttentionRegularizationCallback) and c.config.num_images > 0
+        ]
+        if ours[0] is not self:
+            return
+        explained = sorted({c.config.dataloader_idx for c in ours})
+        missing = [i for i in range(loaders) if i not in explained]
+        if missing:
+            rank_zero_warn(
+                f"{self.prefix}: this validation has {loaders} loaders and explains only loader(s) {explained} (each "
+                f"callback explains the one its dataloader_idx picks); loader(s) {missing} are not explained: add an "
+                f"AttentionRegularizationCallback(name='{self.prefix}_{missing[0]}', dataloader_idx={missing[0]}) per "
+                "loader to explain"
+            )
 
     @override
     def on_validation_batch_end(

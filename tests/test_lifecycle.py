@@ -3,13 +3,16 @@ other knobs, a model whose attention is not finite."""
 
 import threading
 import time
+import warnings
 
 import lightning as L
 import pytest
 
 from attnreg_lightning import AttentionRegularizationCallback
 from tests.helpers import tiny_data, tiny_module
-from tests.test_callback import _trainer
+from tests.test_callback import TwoLoaders, _trainer
+
+QUICK = {"n_bootstrap": 2, "num_images": 2, "log_images": 0, "faithfulness": "off", "sanity_check": False}
 
 
 class Stop(Exception):
@@ -47,3 +50,27 @@ def test_a_stopped_run_cancels_the_queued_statistics_and_warns_of_the_running_on
             trainer.validate(tiny_module(), tiny_data(val_size=8, batch_size=1), verbose=False)
     assert started == [0]  # the queued jobs never ran
     assert not [t for t in set(threading.enumerate()) - before if t.is_alive() and "statistics" in t.name]
+
+
+def _said(caught, text: str) -> list[str]:
+    return [str(w.message) for w in caught if text in str(w.message)]
+
+
+def test_a_validation_loader_no_callback_explains_is_said_once_unless_another_callback_explains_it(tmp_path):
+    data, module = TwoLoaders(), tiny_module()
+    trainer = _trainer(tmp_path, [AttentionRegularizationCallback(**QUICK)], False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            trainer.validate(module, data, verbose=False)
+    (said,) = _said(caught, "not explained")
+    assert "2 loaders and explains only loader(s) [0]" in said and "loader(s) [1] are not explained" in said
+    assert "AttentionRegularizationCallback(name='attnreg_1', dataloader_idx=1)" in said
+
+    second = AttentionRegularizationCallback(**QUICK, name="second", dataloader_idx=1)
+    trainer = _trainer(tmp_path, [second, AttentionRegularizationCallback(**QUICK)], False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(module, data, verbose=False)
+    assert not _said(caught, "not explained")
+    assert trainer.callback_metrics["second/explained"] == trainer.callback_metrics["attnreg/explained"] == 2
