@@ -12,6 +12,7 @@ DejaVu Sans), not laid out by a figure engine: a row takes milliseconds, so draw
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,15 @@ from attnreg_lightning.regularize import RegularizedAttention
 REMOVED_COLOUR = "#7fd4ff"  # light cyan: not in inferno, viridis or coolwarm
 PANEL_PX = 150  # panel height; token maps are drawn over the image's extent, so width follows its aspect
 MASK_CLASSES = {0: "removed by p and lfdr", 1: "kept by p only", 2: "kept by lfdr only", 3: "kept by p and lfdr"}
-_GAP, _MARGIN, _TITLE, _SUPTITLE = 18, 8, 16, 22
+_GAP, _MARGIN, _SUPTITLE = 18, 8, 22
+_TITLE_LINE, _TITLE_PAD = 13, 3  # a panel title's line height and its space above the panel
 _BAR_PAD, _BAR, _TICK, _TICK_TEXT = 5, 8, 3, 12
 _BAR_BLOCK = _BAR_PAD + _BAR + _TICK + _TICK_TEXT
+# what each statistic's colours mean, said in its panel's title (the colour maps are in picture_row)
+Z_TITLE = "z of log attention\n(red = above the null)"  # coolwarm over +-max |z|
+P_TITLE = "-log10 p\n(bright = significant)"  # magma from 0 up
+LFDR_TITLE = "local FDR\n(yellow = significant)"  # viridis_r: lfdr 0 is viridis' top, yellow
+_LABEL_SEP = 8  # the least white between two panels' colour-bar labels
 _ARROW = 6  # the pointed end of a colour bar whose panel holds values beyond its scale
 _FRAME = (40, 40, 40)
 
@@ -116,23 +123,58 @@ def _strip(name: str, width: int) -> np.ndarray:
     return _coloured(np.linspace(0.0, 1.0, width)[None].repeat(_BAR, 0), matplotlib.colormaps[name], 0.0, 1.0)
 
 
+def _bar_labels(bar, width: int) -> list[tuple[float, float | None, str]]:
+    """A colour bar's ticks as ``(tick x, label's left x, label)`` from the bar's left end, each label centred on its
+    tick (its left x None where it would crowd the label before it: left out, its tick kept)."""
+    _, vmin, vmax, _ = bar
+    font, right, ticks = _font(9), -math.inf, []
+    for value, label in _ticks(vmin, vmax):
+        tx = (value - vmin) / (vmax - vmin) * (width - 1) if vmax > vmin else 0.0
+        length = font.getlength(label)
+        left = tx - length / 2
+        ticks.append((tx, None if left < right + 3 else left, label))
+        right = right if left < right + 3 else left + length
+    return ticks
+
+
+def _overhangs(panel: _Panel, width: int) -> tuple[float, float]:
+    """How far a panel's colour-bar labels reach beyond its left and its right edge."""
+    if panel.bar is None:
+        return 0.0, 0.0
+    font, labels = _font(9), _bar_labels(panel.bar, width)
+    drawn = [(left, left + font.getlength(label)) for _, left, label in labels if left is not None]
+    return max([0.0, *(-a for a, _ in drawn)]), max([0.0, *(b - width for _, b in drawn)])
+
+
 def _draw_bar_marks(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, bar, strip: np.ndarray) -> None:
     """A colour bar's frame, pointed ends and ticks around its ``strip`` at ``(x, y)``."""
-    _, vmin, vmax, extend = bar
+    extend = bar[3]
     draw.rectangle([x - 1, y - 1, x + width, y + _BAR], outline=_FRAME)
     for side, edge, tip in (("min", x - 1, x - 1 - _ARROW), ("max", x + width, x + width + _ARROW)):
         if extend in (side, "both"):
             colour = tuple(int(c) for c in strip[0, 0 if side == "min" else -1])
             draw.polygon([(edge, y - 1), (edge, y + _BAR), (tip, y + _BAR // 2)], fill=colour, outline=_FRAME)
-    font, right = _font(9), -1e9
-    for value, label in _ticks(vmin, vmax):
-        tx = x + (value - vmin) / (vmax - vmin) * (width - 1) if vmax > vmin else x
-        draw.line([(tx, y + _BAR), (tx, y + _BAR + _TICK - 1)], fill=_FRAME)
-        half = font.getlength(label) / 2
-        if tx - half < right + 3:  # labels never overlap: a crowded one is left out
-            continue
-        draw.text((tx, y + _BAR + _TICK), label, fill=(0, 0, 0), font=font, anchor="ma")
-        right = tx + half
+    for tx, left, label in _bar_labels(bar, width):
+        draw.line([(x + tx, y + _BAR), (x + tx, y + _BAR + _TICK - 1)], fill=_FRAME)
+        if left is not None:
+            draw.text((x + left, y + _BAR + _TICK), label, fill=(0, 0, 0), font=_font(9), anchor="la")
+
+
+def _title_lines(title: str, width: int) -> list[str]:
+    """A panel title's lines: its own line breaks, and words wrapped to the panel's width (a title wider than its
+    panel would run into the next one's)."""
+    font, lines = _font(11), []
+    for paragraph in title.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            longer = f"{line} {word}" if line else word
+            if line and font.getlength(longer) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = longer
+        lines.append(line)
+    return lines
 
 
 def _compose(rows: Sequence[Sequence[_Panel]], title: str) -> np.ndarray:
@@ -140,15 +182,28 @@ def _compose(rows: Sequence[Sequence[_Panel]], title: str) -> np.ndarray:
     picture's title on top. The pixels (panels, bar strips) go into the array first, then every line and text
     is drawn around them, outside their boxes."""
     boxes = [[_box(p.rgb, PANEL_PX) for p in row] for row in rows]
-    row_height = _TITLE + PANEL_PX + _BAR_BLOCK
-    widths = [sum(w for _, w in row) + _GAP * (len(row) - 1) for row in boxes]
-    # the right margin leaves room for the last colour bar's pointed end and its last label
-    width = max([*widths, int(_font(12).getlength(title)) + 2]) + 2 * _MARGIN + _GAP
+    titles = [[_title_lines(p.title, w) for p, (_, w) in zip(row, row_boxes, strict=True)]
+              for row, row_boxes in zip(rows, boxes, strict=True)]  # fmt: skip
+    title_height = _TITLE_PAD + _TITLE_LINE * max(len(lines) for row in titles for lines in row)
+    row_height = title_height + PANEL_PX + _BAR_BLOCK
+    # each panel's left x: the gap to the one before leaves room for both colour bars' labels (centred on their end
+    # ticks they reach beyond their bars) and white between them, so no label runs into the next panel's
+    lefts, ends = [], []
+    for row, row_boxes in zip(rows, boxes, strict=True):
+        hangs = [_overhangs(p, w) for p, (_, w) in zip(row, row_boxes, strict=True)]
+        x, xs = _MARGIN + math.ceil(hangs[0][0]), []
+        for j, (_, w) in enumerate(row_boxes):
+            xs.append(x)
+            if j + 1 < len(row):
+                x += w + max(_GAP, math.ceil(hangs[j][1] + hangs[j + 1][0]) + _LABEL_SEP)
+        lefts.append(xs)
+        ends.append(xs[-1] + row_boxes[-1][1] + max(_ARROW + 1, math.ceil(hangs[-1][1])) + _MARGIN)
+    width = max([*ends, int(_font(12).getlength(title)) + 2 + 2 * _MARGIN])
     canvas = np.full((_SUPTITLE + row_height * len(rows) + _MARGIN, width, 3), 255, np.uint8)
     marks = []
     for r, (row, row_boxes) in enumerate(zip(rows, boxes, strict=True)):
-        x, y = _MARGIN, _SUPTITLE + r * row_height + _TITLE
-        for panel, (h, w) in zip(row, row_boxes, strict=True):
+        y = _SUPTITLE + r * row_height + title_height
+        for panel, (h, w), lines, x in zip(row, row_boxes, titles[r], lefts[r], strict=True):
             src_h, src_w = panel.rgb.shape[:2]
             # nearest upsampling: each token (or pixel) a block of whole panel pixels
             canvas[y : y + h, x : x + w] = panel.rgb[(np.arange(h) * src_h) // h][:, (np.arange(w) * src_w) // w]
@@ -156,13 +211,13 @@ def _compose(rows: Sequence[Sequence[_Panel]], title: str) -> np.ndarray:
             if panel.bar is not None:
                 strip = _strip(panel.bar[0].name, w)
                 canvas[y + h + _BAR_PAD : y + h + _BAR_PAD + _BAR, x : x + w] = strip
-            marks.append((x, y, h, w, panel, strip))
-            x += w + _GAP
+            marks.append((x, y, h, w, panel, strip, lines))
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     draw.text((width / 2, _SUPTITLE - 6), title, fill=(0, 0, 0), font=_font(12), anchor="md")
-    for x, y, h, w, panel, strip in marks:
-        draw.text((x + w / 2, y - 3), panel.title, fill=(0, 0, 0), font=_font(11), anchor="md")
+    for x, y, h, w, panel, strip, lines in marks:
+        for i, line in enumerate(reversed(lines)):  # the last line just above the panel
+            draw.text((x + w / 2, y - _TITLE_PAD - i * _TITLE_LINE), line, fill=(0, 0, 0), font=_font(11), anchor="md")
         draw.rectangle([x - 1, y - 1, x + w, y + h], outline=_FRAME)
         if strip is not None:
             _draw_bar_marks(draw, x, y + h + _BAR_PAD, w, panel.bar, strip)
@@ -203,9 +258,9 @@ def picture_row(
     panels = [
         _input(image),
         _map_panel(raw, "raw attention", "inferno", lo, hi),
-        _map_panel(z, "z (log scale)", "coolwarm", -zmax, zmax),
-        _map_panel(minus_log_p, "-log10 p", "magma", 0.0, top),
-        _map_panel(grid(sig.lfdr), "local FDR", "viridis_r", 0.0, 1.0),
+        _map_panel(z, Z_TITLE, "coolwarm", -zmax, zmax),
+        _map_panel(minus_log_p, P_TITLE, "magma", 0.0, top),
+        _map_panel(grid(sig.lfdr), LFDR_TITLE, "viridis_r", 0.0, 1.0),
     ]
     removed = _removed_cmap("inferno")
     for name in maps:
