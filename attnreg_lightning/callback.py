@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -61,6 +61,9 @@ class _Job:
     shortcut_masks: Tensor | None
     shown: Tensor | None  # the images to draw (a host copy with background statistics), None if none will be
 
+
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+"""Strategies that shard the parameters and gather them per forward: refused (``setup``)."""
 
 SANITY_IMAGES = 16
 """Most probe images per rank the sanity check explains again (their host copies are kept between runs)."""
@@ -158,6 +161,8 @@ class AttentionRegularizationCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer is not None:
+            self._refuse_sharded(trainer.strategy)
         vit = resolve_vit(pl_module)
         check_model(vit)
         self._fitting = stage == "fit"
@@ -193,6 +198,19 @@ class AttentionRegularizationCallback(Callback):
         forward that reads their attention (the scores' clean forward, saved)."""
         kwargs = self.config.engine_kwargs(self._precision)
         return AttentionRegularizer(model, **kwargs, classify=self._classify is not None and reads_logits(model))
+
+    def _refuse_sharded(self, strategy: Strategy) -> None:
+        """Sharded parameters are gathered at each forward, a collective every rank joins: the reads stop a forward
+        inside the last block (its gathers left open) and each rank runs as many as it has images to explain, so
+        the ranks' gathers no longer pair up: they hang, or take one another's parameters."""
+        if isinstance(strategy, SHARDED_STRATEGIES):
+            raise ValueError(
+                f"{self.prefix}: the {type(strategy).__name__} strategy shards the model's parameters and gathers "
+                "them at each forward, which the callback's reads (forwards stopped inside the last block, as many "
+                "as each rank has images) would hang or corrupt: explain with DDP or on one device (fit without the "
+                "callback, then trainer.validate with it, or explain.py, on an unsharded copy of the model, e.g. "
+                "from a consolidated checkpoint)"
+            )
 
     def _refuse_monitors_of_unexplained_runs(self, trainer: L.Trainer) -> None:
         """A monitor (ModelCheckpoint, EarlyStopping, ...) of one of this callback's keys needs a value at every

@@ -7,6 +7,7 @@ import warnings
 
 import lightning as L
 import pytest
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from attnreg_lightning import AttentionRegularizationCallback
 from tests.helpers import tiny_data, tiny_module
@@ -74,3 +75,32 @@ def test_a_validation_loader_no_callback_explains_is_said_once_unless_another_ca
         trainer.validate(module, data, verbose=False)
     assert not _said(caught, "not explained")
     assert trainer.callback_metrics["second/explained"] == trainer.callback_metrics["attnreg/explained"] == 2
+
+
+def _deepspeed_without_deepspeed() -> DeepSpeedStrategy:
+    """The DeepSpeed strategy made as the DDP strategy it extends (its own __init__ wants the package)."""
+    made = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    DDPStrategy.__init__(made)
+    return made
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        FSDPStrategy,
+        ModelParallelStrategy,
+        _deepspeed_without_deepspeed,
+    ],
+    ids=["fsdp", "model-parallel", "deepspeed"],
+)
+def test_a_sharded_strategy_is_refused_at_setup_with_the_way_out(tmp_path, monkeypatch, strategy):
+    # Lightning runs FSDP on GPUs only: a CPU Trainer gets the real strategy object where its own would be
+    cb = AttentionRegularizationCallback(**QUICK)
+    trainer = _trainer(tmp_path, [cb], False)
+    cb.setup(trainer, tiny_module(), "fit")  # the Trainer's own strategy is fine
+    sharded = strategy()
+    monkeypatch.setattr(trainer._accelerator_connector, "strategy", sharded)
+    assert trainer.strategy is sharded
+    with pytest.raises(ValueError, match=rf"the {type(sharded).__name__} strategy shards .* explain with DDP or on one "
+                                         r"device .* trainer\.validate"):  # fmt: skip
+        cb.setup(trainer, tiny_module(), "fit")
