@@ -378,8 +378,12 @@ HF_ROWS = {
     "hf-metaclip2-vision": Row(
         _hf("MetaClip2VisionModel", "MetaClip2VisionConfig", intermediate_size=96), hf_reference, 32, 1, (4, 4)
     ),
-    "hf-blip-vision": Row(
-        _hf("BlipVisionModel", "BlipVisionConfig", intermediate_size=96), hf_reference, 32, 1, (4, 4)
+    "hf-blip-vision": Row(  # BLIP initializes its weights at std 1e-10 (every token alike): at 0.02 they differ
+        _hf("BlipVisionModel", "BlipVisionConfig", intermediate_size=96, initializer_range=0.02),
+        hf_reference,
+        32,
+        1,
+        (4, 4),
     ),
     "hf-dinov3-vit": Row(
         _hf("DINOv3ViTModel", "DINOv3ViTConfig", intermediate_size=96, num_register_tokens=2),
