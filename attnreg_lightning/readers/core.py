@@ -7,11 +7,18 @@ q/k norms, rotary embeddings and relative position biases all included) or, for 
 weights itself, the first ``softmax`` (its logits). The model stops there: nothing after is computed; or, when
 the caller also wants what the model returns (its class logits), it runs on untouched. Only the CLS query's row
 is formed, in float32 whatever the autocast, so one ``1 x N`` row per head is all the engine ever builds.
+
+An attention that forms its weights itself in low precision (bfloat16 or float16, or under such an autocast)
+rounded its logits before the softmax sees them: there the CLS row is formed again in float32 from the q and k
+the module passed to its product, and every elementwise step the module takes from that product to the softmax
+(scale, biases, masks, in place or not) is replayed on that row. A softmax the row can't be followed to is
+refused, never read in low precision.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +58,17 @@ class _Caught(Exception):
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SOFTMAXES = (F.softmax, Tensor.softmax, torch.softmax)
+_LOW = (torch.bfloat16, torch.float16)
+_MATMULS = frozenset({"matmul", "__matmul__"})
+_IN_PLACE = frozenset({"add_", "sub_", "mul_", "div_", "masked_fill_", "clamp_", "clip_", "tanh_", "neg_"})
+_ELEMENTWISE = _IN_PLACE | frozenset(
+    {"add", "sub", "rsub", "mul", "div", "true_divide", "masked_fill", "where", "clamp", "clip", "tanh", "neg"}
+)
+"""What an attention may do to its q k product before its softmax, followed on the float32 CLS row (the
+operators ``+ - * /``, ``+=``, ... reach the mode as these)."""
+_FORMATS = frozenset({"to", "float", "type_as", "contiguous", "clone", "detach", "view", "reshape"})
+"""Casts, copies and views of the product: the row is the same float32 row (a cast to lower precision is the
+rounding the row is there to avoid)."""
 
 
 def _sdpa_cls_logits(args: tuple, kwargs: dict) -> Tensor:
@@ -70,26 +88,124 @@ def _sdpa_cls_logits(args: tuple, kwargs: dict) -> Tensor:
     return logits[..., 0, :]
 
 
-class _CatchCls(TorchFunctionMode):
-    """While the last attention runs: its first attention kernel's CLS logits, then stop (or, with ``finish``,
-    let every call through, that kernel's included)."""
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype an autocast active on ``device_type`` computes products in; None when none is active."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
-    def __init__(self, finish: bool) -> None:
+
+def _rounds(t: Tensor) -> bool:
+    """Whether a product of ``t`` is formed in bfloat16 or float16 (its own dtype, or the active autocast's)."""
+    return t.dtype in _LOW or _autocast_dtype(t.device.type) in _LOW
+
+
+class _CatchCls(TorchFunctionMode):
+    """While the last attention runs (between ``begin`` and ``end``): the CLS logits of its first attention kernel,
+    then stop when ``stop`` (else let every call through, that kernel's included).
+
+    ``rows`` follows a low-precision product of that attention to its softmax: for each tensor computed from the
+    product, its CLS row in float32, kept while the tensor lives and is not changed in place by a step not
+    followed (the tensor's version counter then moves on: the row is dropped)."""
+
+    def __init__(self, stop: bool, where: str) -> None:
         super().__init__()
-        self.finish = finish
-        self.closed = False  # the attention module has returned
+        self.stop = stop
+        self.where = where  # the model and its attention, for errors
+        self.active = False
         self.logits: Tensor | None = None
+        self.rows: dict[int, tuple[weakref.ref, Tensor, int]] = {}
+
+    def begin(self) -> None:
+        self.active, self.logits = True, None
+        self.rows.clear()
+
+    def end(self) -> None:
+        self.active = False
+        self.rows.clear()
+
+    def _row(self, t: object) -> Tensor | None:
+        entry = self.rows.get(id(t)) if isinstance(t, Tensor) else None
+        if entry is None:
+            return None
+        ref, row, version = entry
+        return row if ref() is t and t._version == version else None
+
+    def _keep(self, t: Tensor, row: Tensor) -> None:
+        self.rows[id(t)] = (weakref.ref(t), row, t._version)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.logits is None and not self.closed:
-            if func is F.scaled_dot_product_attention:
-                self.logits = _sdpa_cls_logits(args, kwargs)
-            elif func in _SOFTMAXES and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
-                self.logits = args[0][:, :, 0, :].float()  # an attention that forms its weights itself
-            if self.logits is not None and not self.finish:
-                raise _Caught
+        if not self.active or self.logits is not None:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", None)
+        if func is F.scaled_dot_product_attention:
+            self.logits = _sdpa_cls_logits(args, kwargs)
+        elif func in _SOFTMAXES and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            self.logits = self._softmax_cls_logits(args[0])
+        elif name in _MATMULS and not kwargs and len(args) == 2:
+            return self._matmul(func, *args)
+        elif name in _ELEMENTWISE and "out" not in kwargs:
+            return self._elementwise(func, name, args, kwargs)
+        elif name in _FORMATS and args and (row := self._row(args[0])) is not None:
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor) and out.shape == args[0].shape:
+                self._keep(out, row if out is args[0] else row.clone())
+            return out
+        if self.logits is not None and self.stop:
+            raise _Caught
         return func(*args, **kwargs)
+
+    def _softmax_cls_logits(self, x: Tensor) -> Tensor:
+        row = self._row(x)
+        if row is not None:
+            return row[:, :, 0, :]
+        if _rounds(x):
+            precision = x.dtype if x.dtype in _LOW else _autocast_dtype(x.device.type)
+            raise TypeError(
+                f"{self.where} formed its attention logits in {precision} by steps the reader can't follow from "
+                "its q k product to its softmax (a product other than matmul, or an operation other than scale, "
+                "bias, mask and cast), so their float32 CLS row can't be formed: read it without autocast "
+                "(autocast_dtype=None, in float32), or with its fused scaled_dot_product_attention (timm: "
+                "fused_attn=True; Hugging Face: attn_implementation='sdpa')"
+            )
+        return x[:, :, 0, :].float()
+
+    def _matmul(self, func, a: object, b: object) -> object:
+        out = func(a, b)
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and (_rounds(a) or _rounds(b)):
+            with torch.autocast(a.device.type, enabled=False):
+                self._keep(out, a[..., :1, :].float() @ b.float())
+        return out
+
+    def _elementwise(self, func, name: str, args: tuple, kwargs: dict) -> object:
+        followed = [t for t in (*args, *kwargs.values()) if self._row(t) is not None]
+        if not followed or (name in _IN_PLACE and self._row(args[0]) is None):
+            return func(*args, **kwargs)
+        queries = followed[0].shape[-2]
+
+        def on_row(x: object) -> object:
+            row = self._row(x)
+            if row is not None or not isinstance(x, Tensor):
+                return x if row is None else row
+            if x.dim() >= 2 and x.shape[-2] == queries:
+                x = x[..., :1, :]
+            return x.float() if x.is_floating_point() else x
+
+        replay = ([on_row(a) for a in args], {k: on_row(v) for k, v in kwargs.items()})
+        out = func(*args, **kwargs)
+        try:
+            with torch.autocast(followed[0].device.type, enabled=False):
+                row = func(*replay[0], **replay[1])
+        except (RuntimeError, TypeError):  # a step the row can't take: the softmax then has no row, and says so
+            return out
+        if isinstance(out, Tensor) and out.dim() >= 2 and out.shape[-2] == queries:
+            if isinstance(row, Tensor) and row.shape == (*out.shape[:-2], 1, out.shape[-1]):
+                self._keep(out, row)
+        return out
 
 
 def eager(module: nn.Module) -> Callable[..., object]:
@@ -113,21 +229,22 @@ def cls_logits_and_output(attention: nn.Module, run: Callable[[], object], what:
 
 @torch.compiler.disable  # the model may be stopped by an exception: run eagerly, also under torch.compile
 def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: bool) -> tuple[Tensor, object]:
-    catch = _CatchCls(finish)
-    armed: list[_CatchCls] = []
+    catch = _CatchCls(not finish, f"{what}: its last attention ({type(attention).__name__})")
+    entered: list[_CatchCls] = []
     reader = threading.get_ident()
 
     def arm(module: nn.Module, args: tuple) -> None:
         # only the first call of the module (a shared module may be called again), and only in this thread: a
         # forward of the same model in another thread (e.g. faithfulness in the statistics thread) runs untouched
-        if not armed and threading.get_ident() == reader:
+        if not entered and threading.get_ident() == reader:
             catch.__enter__()
-            armed.append(catch)
+            entered.append(catch)
+            catch.begin()
 
     def close(module: nn.Module, args: tuple, output: object) -> None:
         # a kernel after the attention (e.g. an attention-pooling head) is not the attention's
-        if armed and threading.get_ident() == reader:
-            catch.closed = True
+        if entered and threading.get_ident() == reader:
+            catch.end()
 
     handles = [attention.register_forward_pre_hook(arm), attention.register_forward_hook(close)]
     output = None
@@ -138,9 +255,9 @@ def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: b
     finally:
         for handle in handles:
             handle.remove()
-        if armed:
+        if entered:
             catch.__exit__(None, None, None)
-    if not armed:
+    if not entered:
         raise RuntimeError(f"{what} never reached its last attention ({type(attention).__name__})")
     if catch.logits is None:
         raise TypeError(
