@@ -13,6 +13,11 @@ rounded its logits before the softmax sees them: there the CLS row is formed aga
 the module passed to its product, and every elementwise step the module takes from that product to the softmax
 (scale, biases, masks, in place or not) is replayed on that row. A softmax the row can't be followed to is
 refused, never read in low precision.
+
+An attention module called more than once in a forward (shared by several blocks, a looped or weight-tied ViT)
+is read at its last call, the one that gives the model's last attention. How many times a forward calls it is
+learned at its first read, which runs the forward to its end; a module called once is stopped at its kernel
+from then on.
 """
 
 from __future__ import annotations
@@ -105,7 +110,8 @@ def _rounds(t: Tensor) -> bool:
 
 class _CatchCls(TorchFunctionMode):
     """While the last attention runs (between ``begin`` and ``end``): the CLS logits of its first attention kernel,
-    then stop when ``stop`` (else let every call through, that kernel's included).
+    then stop when ``stop`` (else let every call through, that kernel's included). An attention called again is
+    caught again: the logits are its last call's.
 
     ``rows`` follows a low-precision product of that attention to its softmax: for each tensor computed from the
     product, its CLS row in float32, kept while the tensor lives and is not changed in place by a step not
@@ -116,11 +122,13 @@ class _CatchCls(TorchFunctionMode):
         self.stop = stop
         self.where = where  # the model and its attention, for errors
         self.active = False
+        self.calls = 0
         self.logits: Tensor | None = None
         self.rows: dict[int, tuple[weakref.ref, Tensor, int]] = {}
 
     def begin(self) -> None:
         self.active, self.logits = True, None
+        self.calls += 1
         self.rows.clear()
 
     def end(self) -> None:
@@ -215,9 +223,10 @@ def eager(module: nn.Module) -> Callable[..., object]:
 
 
 def cls_logits(attention: nn.Module, run: Callable[[], object], what: str) -> Tensor:
-    """Float32 logits ``[B, H, N]`` of the CLS query over all ``N`` tokens in the first attention kernel that
-    ``attention`` calls while ``run()`` runs the model as it runs; nothing after it is computed and the hook is
-    removed whatever happens. ``what`` names the model in errors."""
+    """Float32 logits ``[B, H, N]`` of the CLS query over all ``N`` tokens in the first attention kernel of the
+    last call of ``attention`` while ``run()`` runs the model as it runs; a module called once stops the model
+    there (nothing after it is computed) once its first read has counted its calls. The hooks are removed
+    whatever happens. ``what`` names the model in errors."""
     return _catch(attention, run, what, finish=False)[0]
 
 
@@ -227,18 +236,28 @@ def cls_logits_and_output(attention: nn.Module, run: Callable[[], object], what:
     return _catch(attention, run, what, finish=True)
 
 
+_CALLS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+"""How many times a forward calls each attention module read, counted at its reads that ran to the end."""
+
+
 @torch.compiler.disable  # the model may be stopped by an exception: run eagerly, also under torch.compile
 def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: bool) -> tuple[Tensor, object]:
-    catch = _CatchCls(not finish, f"{what}: its last attention ({type(attention).__name__})")
+    # a module called once stops the model at its kernel; one not counted yet, or called again later in the
+    # forward (its first call's logits are not the model's last attention), runs to the end and is read at its
+    # last call
+    catch = _CatchCls(
+        not finish and _CALLS.get(attention) == 1, f"{what}: its last attention ({type(attention).__name__})"
+    )
     entered: list[_CatchCls] = []
     reader = threading.get_ident()
 
     def arm(module: nn.Module, args: tuple) -> None:
-        # only the first call of the module (a shared module may be called again), and only in this thread: a
-        # forward of the same model in another thread (e.g. faithfulness in the statistics thread) runs untouched
-        if not entered and threading.get_ident() == reader:
-            catch.__enter__()
-            entered.append(catch)
+        # only in this thread: a forward of the same model in another thread (e.g. faithfulness in the statistics
+        # thread) runs untouched
+        if threading.get_ident() == reader:
+            if not entered:
+                catch.__enter__()
+                entered.append(catch)
             catch.begin()
 
     def close(module: nn.Module, args: tuple, output: object) -> None:
@@ -247,11 +266,11 @@ def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: b
             catch.end()
 
     handles = [attention.register_forward_pre_hook(arm), attention.register_forward_hook(close)]
-    output = None
+    output, stopped = None, False
     try:
         output = run()
     except _Caught:
-        pass
+        stopped = True
     finally:
         for handle in handles:
             handle.remove()
@@ -259,6 +278,8 @@ def _catch(attention: nn.Module, run: Callable[[], object], what: str, finish: b
             catch.__exit__(None, None, None)
     if not entered:
         raise RuntimeError(f"{what} never reached its last attention ({type(attention).__name__})")
+    if not stopped:
+        _CALLS[attention] = catch.calls
     if catch.logits is None:
         raise TypeError(
             f"{what}: its last attention ({type(attention).__name__}) formed its weights with neither "
