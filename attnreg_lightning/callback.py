@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +65,27 @@ class _Job:
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 """Strategies that shard the parameters and gather them per forward: refused (``setup``)."""
 
+UNCOMPARED_KNOBS = frozenset(
+    {"seed", "every_n_epochs", "max_images_per_forward", "statistics", "log_images", "on_error", "sanity_check",
+     "sanity_draws", "name"}
+)  # fmt: skip
+"""Knobs that change when, how fast or how loudly runs are explained, or only the fit-end sanity check: a resume may
+change them and still compare its runs with the checkpoint's. Every other knob changes what a run measures (a knob
+added later too, unless listed here); ``seed``: the checkpoint's is taken."""
+
 SANITY_IMAGES = 16
 """Most probe images per rank the sanity check explains again (their host copies are kept between runs)."""
+
+
+def _plain(value: Any) -> Any:
+    """A knob's value as compared across a checkpoint: sequences (a list, Hydra's ListConfig) as lists."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _stage(trainer: L.Trainer) -> str:
@@ -98,7 +117,9 @@ class AttentionRegularizationCallback(Callback):
 
     A checkpoint keeps what the next runs build on (:meth:`state_dict`): the run count, the totals, the
     history of logged values and the probes' records, so a resumed fit explains and compares as an
-    uninterrupted one would.
+    uninterrupted one would. A resume whose knobs change what a run measures (any but
+    :data:`UNCOMPARED_KNOBS`), or that runs on another number of processes while its batches carry no sample ids
+    (ids made up by position then name other images), starts a new comparison instead (:meth:`load_state_dict`).
 
     Args:
         config: all knobs at once; or give them as keyword arguments (``n_bootstrap=20``, ...).
@@ -135,6 +156,9 @@ class AttentionRegularizationCallback(Callback):
         self._padding: Callable[[int], bool] | None = None  # the explained loader's sampler padding, per run
         self._warned_loggers = False
         self._warned_loaders = False
+        self._ids_given: bool | None = None  # whether the explained batches carried sample ids (None: none seen)
+        self._comparison = 0  # how many resumes with other knobs the history has seen: its rows' "comparison"
+        self._changed: dict[str, list[Any]] | None = None  # what the last such resume changed, for the next row
         self._logged_config = False
         self._background = False
         self._pending: deque[tuple[Future[None], _Job]] = deque()
@@ -320,6 +344,7 @@ class AttentionRegularizationCallback(Callback):
     def _job(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> _Job | None:
         """The batch's images to explain now, on the model's device, with what their records need (None if none)."""
         view = self.batch_to_images(batch)
+        self._ids_given = view.ids is not None
         # once chosen, the probes are explained wherever they are (shuffled or distributed loaders); until
         # then, the first explained run picks them: the first num_images this rank sees
         wanted = self.probes.is_probe if self.probes.chosen else None
@@ -561,6 +586,9 @@ class AttentionRegularizationCallback(Callback):
         # "use sync_dist=True" warning) off, while every rank still logs the same value.
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
         self.history.append({"stage": _stage(trainer), **{k: float(v) for k, v in values.items()}})
+        self.history[-1]["comparison"] = self._comparison
+        if self._changed is not None:  # the first run of a new comparison says what changed
+            self.history[-1]["changed"], self._changed = self._changed, None
         # the values' 95% intervals over images (computed with them; JSON-like, since the history is checkpointed;
         # rows of older checkpoints have none)
         intervals = self.run_metrics.intervals()
@@ -724,10 +752,28 @@ class AttentionRegularizationCallback(Callback):
             "validation_runs": self.validation_runs,
             "probes": self.probes.state_dict(),
             "history": self.history,
+            "autocast": _dtype_name(self.config.autocast(self._precision)),
+            "world_size": self._world_size,
+            "ids": self._ids_given,
+            "comparison": self._comparison,
+            "changed": self._changed,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Go on from the checkpoint's record: its seed (the maps go on from the same nulls), totals, run count,
+        history and probes.
+
+        Runs measured otherwise are not compared: when a knob that changes what a run measures differs from the
+        checkpoint's (any knob but :data:`UNCOMPARED_KNOBS`; ``autocast_dtype`` as the precision resolves it), or
+        when the checkpoint's batches carried no sample ids and the number of processes differs (ids made up by
+        position then name other images), it warns, naming each change, and starts a new comparison: the probes are
+        picked and followed anew (the stability keys compare no map across the checkpoint), and the history keeps
+        the checkpoint's rows while the next ones carry the next ``"comparison"`` number, the first of them also
+        what changed (``"changed"``: ``{knob: [old, new]}``), so that no plot or table joins the two. The totals and
+        the run count go on. A checkpoint of another version, with knobs this one lacks or does not know, is
+        compared on the knobs both know.
+        """
         if not self._fitting and (self.history or self.validation_runs):
             # trainer.validate(ckpt_path=...) after runs of its own: the record goes on (the validation is added
             # to it); rewinding it to the checkpoint's would lose the runs since
@@ -745,3 +791,33 @@ class AttentionRegularizationCallback(Callback):
         self.validation_runs = state_dict.get("validation_runs", 0)
         self.probes.load_state_dict(state_dict.get("probes", {}))
         self.history = list(state_dict.get("history", []))
+        self._comparison = state_dict.get("comparison", 0)
+        self._changed = state_dict.get("changed")
+        changed = self._changed_since(state_dict)
+        if changed:
+            described = ", ".join(f"{knob} {old!r} -> {new!r}" for knob, (old, new) in changed.items())
+            rank_zero_warn(
+                f"{self.prefix}: resumed with what a run measures changed ({described}): its runs are not comparable "
+                "with the checkpoint's, so a new comparison starts (the probes are picked anew, the history's rows "
+                f"from here on carry comparison={self._comparison + 1})"
+            )
+            self.probes.reset()
+            self._comparison += 1
+            self._changed = {knob: [_plain(old), _plain(new)] for knob, (old, new) in changed.items()}
+
+    def _changed_since(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """What the checkpoint measured otherwise than this run will: ``{knob: (old, new)}``."""
+        saved, now = state.get("config", {}), dataclasses.asdict(self.config)
+        changed = {
+            knob: (saved[knob], now[knob])
+            for knob in now
+            if knob in saved and knob not in UNCOMPARED_KNOBS and _plain(saved[knob]) != _plain(now[knob])
+        }
+        if "autocast" in state:  # the dtype the forwards ran in, whatever the knob said ("auto": the precision's)
+            changed.pop("autocast_dtype", None)
+            autocast = _dtype_name(self.config.autocast(self._precision))
+            if state["autocast"] != autocast:
+                changed["autocast_dtype"] = (state["autocast"], autocast)
+        if state.get("ids") is False and state.get("world_size", self._world_size) != self._world_size:
+            changed["processes (batches without sample ids)"] = (state["world_size"], self._world_size)
+        return changed

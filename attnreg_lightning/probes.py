@@ -44,6 +44,10 @@ class ProbeBook:
         self.pending: dict[int, dict[str, Any]] = {}
         self.pending_picks: set[int] = set()
 
+    def reset(self) -> None:
+        """No probe picked, no record: the next run picks and follows them as a first run does."""
+        self.picked, self.records, self.pending, self.pending_picks = set(), {}, {}, set()
+
     @property
     def chosen(self) -> bool:
         """Whether the probes are known (configured, or picked at an earlier run)."""
