@@ -15,17 +15,10 @@ import torch
 
 from attnreg_lightning.batch import REGIONS
 from attnreg_lightning.bootstrap import NORMALIZATIONS, available_methods
+from attnreg_lightning.engine import AUTOCAST_DTYPES, resolve_autocast_dtype
 from attnreg_lightning.faithfulness import BASELINES, KEPT_MAPS, MODES
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds
 
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISION_DTYPES = {
-    "bf16-mixed": torch.bfloat16,
-    "bf16-true": torch.bfloat16,
-    "16-mixed": torch.float16,
-    "16-true": torch.float16,
-}
-"""The autocast dtype ``autocast_dtype="auto"`` takes from a Lightning trainer's ``precision`` (float32 otherwise)."""
 ON_ERROR = ("raise", "warn")
 FAITHFULNESS = ("off", *MODES)
 
@@ -231,10 +224,9 @@ class AttnRegConfig:
 
     def autocast(self, precision: str | None = None) -> torch.dtype | None:
         """The forwards' autocast dtype: ``"auto"`` follows a Lightning ``precision`` (``bf16-mixed`` ->
-        bfloat16, ``16-mixed`` -> float16, ...; float32 without one), an explicit value wins."""
-        if self.autocast_dtype == "auto":
-            return PRECISION_DTYPES.get(str(precision))
-        return AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None
+        bfloat16, ``16-mixed`` -> float16, ...; float32 without one), an explicit value wins; as the engine
+        resolves its own ``autocast_dtype``."""
+        return resolve_autocast_dtype(self.autocast_dtype, precision)
 
     def faithfulness_kwargs(self) -> dict:
         """Keyword arguments of :func:`~attnreg_lightning.faithfulness.faithfulness` (mode ``kept``/``curves``)."""

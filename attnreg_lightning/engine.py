@@ -37,6 +37,35 @@ from attnreg_lightning.stats import significance
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, sample id) pairs over seeds
 
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The autocast dtypes the forwards may run under, by name."""
+PRECISION_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+}
+"""The autocast dtype ``autocast_dtype="auto"`` takes from a Lightning trainer's ``precision`` (float32 otherwise)."""
+
+
+def resolve_autocast_dtype(value: str | torch.dtype | None, precision: str | None = None) -> torch.dtype | None:
+    """The forwards' autocast dtype for an ``autocast_dtype`` knob: None for None (float32: the engine adds no
+    autocast), ``"auto"`` follows a Lightning ``precision`` (``bf16-mixed`` -> bfloat16, ``16-mixed`` -> float16,
+    ...; float32 without one, as the engine alone has), ``"bfloat16"`` / ``"float16"`` or those torch dtypes."""
+    if value is None:
+        return None
+    if value == "auto":
+        return PRECISION_DTYPES.get(str(precision))
+    if isinstance(value, str) and value in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[value]
+    if isinstance(value, torch.dtype) and value in AUTOCAST_DTYPES.values():
+        return value
+    raise ValueError(
+        f"autocast_dtype={value!r}: need None (float32), 'auto' (the trainer's precision; float32 without a "
+        f"trainer), one of {list(AUTOCAST_DTYPES)} or torch.bfloat16 / torch.float16"
+    )
+
+
 def sample_seed(seed: int, sample_id: int) -> int:
     """The generator seed of one image: a function of the run seed and the sample id only."""
     return (int(seed) * _SEED_MIX + int(sample_id) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
@@ -97,7 +126,9 @@ class AttentionRegularizer:
         n_bootstrap: null images per image (``N >= 1``).
         thresholds: rule thresholds (reference defaults).
         max_images_per_forward: most images in one forward pass (observed and null images together).
-        autocast_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+        autocast_dtype: run forwards under ``torch.autocast`` with this dtype: ``"bfloat16"`` / ``"float16"`` or
+            those torch dtypes; None or ``"auto"`` (without a trainer) add no autocast (see
+            :func:`resolve_autocast_dtype`).
         seed: seed of the engine's own generators.
         pi0: ``"estimate"`` (Storey) or a fixed float in [0, 1].
         method_options: extra options of the generator (``std_factor``, ``all_channels``, ``patch_size``).
@@ -116,7 +147,7 @@ class AttentionRegularizer:
         n_bootstrap: int = 10,
         thresholds: Thresholds | None = None,
         max_images_per_forward: int = 256,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: str | torch.dtype | None = None,
         seed: int = 0,
         pi0: str | float = "estimate",
         method_options: dict | None = None,
@@ -129,6 +160,7 @@ class AttentionRegularizer:
         get_null_generator(method)
         require_positive_int(n_bootstrap, "n_bootstrap")
         require_positive_int(max_images_per_forward, "max_images_per_forward")
+        autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         vit = resolve_vit(model)
         check_model(vit)
         if classify and not reads_logits(vit):
