@@ -222,11 +222,11 @@ class AttnRegConfig:
             return {"patch_size": self.patch_size}
         return {}
 
-    def autocast(self, precision: str | None = None) -> torch.dtype | None:
+    def autocast(self, precision: str | None = None, device: torch.device | str | None = None) -> torch.dtype | None:
         """The forwards' autocast dtype: ``"auto"`` follows a Lightning ``precision`` (``bf16-mixed`` ->
-        bfloat16, ``16-mixed`` -> float16, ...; float32 without one), an explicit value wins; as the engine
-        resolves its own ``autocast_dtype``."""
-        return resolve_autocast_dtype(self.autocast_dtype, precision)
+        bfloat16, ``16-mixed`` -> float16, ...; float32 without one, and on a CPU ``device`` that would emulate
+        bfloat16), an explicit value wins; as the engine resolves its own ``autocast_dtype``."""
+        return resolve_autocast_dtype(self.autocast_dtype, precision, device)
 
     def faithfulness_kwargs(self) -> dict:
         """Keyword arguments of :func:`~attnreg_lightning.faithfulness.faithfulness` (mode ``kept``/``curves``)."""
@@ -239,15 +239,15 @@ class AttnRegConfig:
             "max_images_per_forward": self.max_images_per_forward,
         }
 
-    def engine_kwargs(self, precision: str | None = None) -> dict:
+    def engine_kwargs(self, precision: str | None = None, device: torch.device | str | None = None) -> dict:
         """Keyword arguments of :class:`~attnreg_lightning.engine.AttentionRegularizer` (``precision``: the
-        trainer's, for ``autocast_dtype="auto"``)."""
+        trainer's, and ``device``: the model's, for ``autocast_dtype="auto"``)."""
         return {
             "method": self.method,
             "n_bootstrap": self.n_bootstrap,
             "thresholds": self.thresholds,
             "max_images_per_forward": self.max_images_per_forward,
-            "autocast_dtype": self.autocast(precision),
+            "autocast_dtype": self.autocast(precision, device),
             "seed": self.seed,
             "pi0": "estimate" if self.pi0 is None else float(self.pi0),
             "method_options": self.method_options(),

@@ -51,7 +51,8 @@ class AttentionRegularizationMixin:
         from one stream per set of knobs, seeded by ``seed``, that goes on from call to call, so each batch gets
         fresh null noise and a module built alike draws the same sequence."""
         config = dataclasses.replace(self.attnreg_config or AttnRegConfig(), **overrides)
-        kwargs = config.engine_kwargs(getattr(getattr(self, "_trainer", None), "precision", None))
+        precision = getattr(getattr(self, "_trainer", None), "precision", None)
+        kwargs = config.engine_kwargs(precision, images.device)
         vit = self.attention_model()
         engines = self.__dict__.setdefault("_attnreg_engines", {})
         key = (id(vit), repr(sorted(kwargs.items())))

@@ -68,3 +68,19 @@ def test_a_named_dtype_runs_the_forwards_under_that_autocast(vit):
 def test_other_values_are_refused_naming_the_knob_and_what_it_takes(vit, value):
     with pytest.raises(ValueError, match=r"autocast_dtype=.*'auto'.*'bfloat16', 'float16'.*torch\.bfloat16"):
         AttentionRegularizer(vit, autocast_dtype=value)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_keeps_a_cpu_without_native_bf16_in_float32(monkeypatch, native):
+    """``auto`` under a bf16 trainer follows it on a GPU and on a CPU with bf16 in hardware; on a CPU that would
+    emulate bf16 (several times slower than float32) the callback's inference forwards stay float32, while an explicit
+    ``bfloat16`` is taken as given."""
+    from attnreg_lightning import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    config = AttnRegConfig()
+    assert config.autocast("bf16-mixed", "cpu") == (torch.bfloat16 if native else None)
+    assert config.autocast("bf16-mixed", "cuda:0") == torch.bfloat16
+    assert config.autocast("16-mixed", "cpu") == torch.float16
+    assert AttnRegConfig(autocast_dtype="bfloat16").autocast("bf16-mixed", "cpu") == torch.bfloat16
+
