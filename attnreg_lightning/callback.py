@@ -42,7 +42,13 @@ from attnreg_lightning.pictures import PictureBook, PictureRow
 from attnreg_lightning.probes import ProbeBook
 from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.report import write_report
-from attnreg_lightning.run_metrics import RunMetrics, image_rows, quiet_compute
+from attnreg_lightning.run_metrics import (
+    RunMetrics,
+    image_rows,
+    nonfinite_attention,
+    quiet_compute,
+    usable_images,
+)
 from attnreg_lightning.sanity import draw_keys, intervals, model_randomization, per_draw_scores, per_image, summarize
 from attnreg_lightning.token_drop import check_droppable
 
@@ -60,6 +66,7 @@ class _Job:
     noise_masks: Tensor | None
     shortcut_masks: Tensor | None
     shown: Tensor | None  # the images to draw (a host copy with background statistics), None if none will be
+    usable: Tensor | None = None  # [B] bool: pixels finite and not constant (the images' fault if not)
 
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -75,6 +82,20 @@ added later too, unless listed here); ``seed``: the checkpoint's is taken."""
 
 SANITY_IMAGES = 16
 """Most probe images per rank the sanity check explains again (their host copies are kept between runs)."""
+
+
+def _degenerate(images: int) -> str:
+    return (
+        f"{images} degenerate image(s) (pixels constant or non-finite, or attention that does not vary or is not "
+        "finite on their null images: no null distribution to test against)"
+    )
+
+
+def _nonfinite_attention(images: int) -> str:
+    return (
+        f"the model's attention is not finite on {images} image(s) whose pixels are finite and not constant: NaN or "
+        "inf weights or activations (check the loss and the learning rate; under float16, an overflow: try bfloat16)"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -357,18 +378,21 @@ class AttentionRegularizationCallback(Callback):
         images = take_rows(view.images, rows, size).to(pl_module.device)
         masks, noise = take_rows(view.masks, rows, size), take_rows(view.noise_masks, rows, size)
         shortcut = take_rows(view.shortcut_masks, rows, size)
-        return _Job(batch_idx, ids, images, masks, noise, shortcut, images if trainer.is_global_zero else None)
+        shown = images if trainer.is_global_zero else None
+        return _Job(batch_idx, ids, images, masks, noise, shortcut, shown, usable=usable_images(images))
 
     def _submit(self, trainer: L.Trainer, job: _Job) -> None:
         """The forwards now; the statistics and everything after them (metrics, probes, pictures) in the engine's
         thread, in the order submitted, so the run's values are those of the inline path. The images go along only
         while a picture may still be drawn of them."""
         drawn = job.shown is not None and len(self.pictures.rows) < self.pictures.limit
-        carry = (job.masks, job.noise_masks, job.shortcut_masks, job.shown if drawn else None)
+        carry = (job.masks, job.noise_masks, job.shortcut_masks, job.shown if drawn else None, job.usable)
 
         def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, shortcut: Tensor | None,
-                   shown: Tensor | None):  # fmt: skip
-            copied = dataclasses.replace(job, masks=masks, noise_masks=noise, shortcut_masks=shortcut, shown=shown)
+                   shown: Tensor | None, usable: Tensor | None):  # fmt: skip
+            copied = dataclasses.replace(
+                job, masks=masks, noise_masks=noise, shortcut_masks=shortcut, shown=shown, usable=usable
+            )
             self._record(trainer, copied, reg)
 
         self._pending.append((self.engine.submit(job.images, job.ids, then=record, carry=carry), job))
@@ -434,10 +458,14 @@ class AttentionRegularizationCallback(Callback):
         valid = reg.significance.valid
         bad = int((~valid).sum())
         if bad and self.config.on_error == "raise":
-            raise ValueError(
-                f"{self.prefix}: {bad} degenerate image(s) (constant or non-finite) in batch {job.batch_idx}"
-            )
-        scores = self.run_metrics.update(reg, job.masks, job.noise_masks, job.shortcut_masks)
+            model = int(nonfinite_attention(reg, job.usable).sum())
+            said = []
+            if bad > model:
+                said.append(_degenerate(bad - model))
+            if model:
+                said.append(_nonfinite_attention(model))
+            raise ValueError(f"{self.prefix}: {'; '.join(said)} in batch {job.batch_idx}")
+        scores = self.run_metrics.update(reg, job.masks, job.noise_masks, job.shortcut_masks, job.usable)
         if scores is None:
             return
         valid_rows = valid.nonzero().flatten()
@@ -594,10 +622,15 @@ class AttentionRegularizationCallback(Callback):
         intervals = self.run_metrics.intervals()
         self.history[-1]["intervals"] = {f"{self.prefix}/{k}": [lo, hi] for k, (lo, hi) in intervals.items()}
         degenerate, fit_failed = int(results["skipped_degenerate"]), int(results["lfdr_fit_failed"])
+        nonfinite = int(results["skipped_nonfinite_attention"])
         self.explained_total += int(results["explained"])
-        self.skipped_total += degenerate + int(results["skipped_error"])
+        self.skipped_total += degenerate + nonfinite + int(results["skipped_error"])
         if degenerate:
-            rank_zero_warn(f"{self.prefix}: {degenerate} degenerate image(s) (constant or non-finite) skipped")
+            rank_zero_warn(f"{self.prefix}: {_degenerate(degenerate)} skipped (counted in skipped_degenerate)")
+        if nonfinite:
+            rank_zero_warn(
+                f"{self.prefix}: {_nonfinite_attention(nonfinite)}: skipped (counted in skipped_nonfinite_attention)"
+            )
         if fit_failed:
             rank_zero_warn(
                 f"{self.prefix}: the local-FDR density fit diverged for {fit_failed} image(s); their lfdr is 1 "

@@ -31,7 +31,17 @@ from attnreg_lightning.probes import STABILITY_KEYS
 from attnreg_lightning.regularize import RegularizedAttention
 from attnreg_lightning.stats import null_pvalues
 
-COUNT_KEYS = ("explained", "skipped_degenerate", "skipped_error", "lfdr_fit_failed", "clamped_tokens")
+COUNT_KEYS = (
+    "explained",
+    "skipped_degenerate",
+    "skipped_nonfinite_attention",
+    "skipped_error",
+    "lfdr_fit_failed",
+    "clamped_tokens",
+)
+"""``skipped_degenerate``: images whose pixels are constant or non-finite, or whose null images' attention is not finite
+or does not vary (no null distribution to test against); ``skipped_nonfinite_attention``: images whose pixels are
+finite and not constant but whose attention is not finite (the model's numerics: NaN or inf weights or activations)."""
 
 
 class RunMetrics:
@@ -97,9 +107,12 @@ class RunMetrics:
         roi: Tensor | None = None,
         noise: Tensor | None = None,
         shortcut: Tensor | None = None,
+        usable: Tensor | None = None,
     ) -> dict[str, Tensor] | None:
         """Count the result's images and score its valid ones; ``roi``/``noise``/``shortcut`` are the images' pixel
-        masks.
+        masks, ``usable`` which images' pixels are finite and not constant (:func:`usable_images`): an invalid one
+        among them whose attention is not finite is the model's failure, not the image's (:data:`COUNT_KEYS`;
+        without ``usable``, every invalid image counts as degenerate).
 
         Returns the per-image scores of the valid images, or None when none is valid.
         """
@@ -110,7 +123,8 @@ class RunMetrics:
         roi, noise, shortcut = (_token_mask(m, reg.grid, device) for m in (roi, noise, shortcut))
         bad = int((~valid).sum())
         if bad:
-            self.counts.update(skipped_degenerate=bad)
+            nonfinite = int(nonfinite_attention(reg, usable).sum())
+            self.counts.update(skipped_degenerate=bad - nonfinite, skipped_nonfinite_attention=nonfinite)
         self.counts.update(
             explained=valid.numel() - bad,
             lfdr_fit_failed=int((valid & ~sig.fit_ok).sum()),
@@ -185,6 +199,22 @@ class RunMetrics:
             return {}
         listed = torch.stack([bounds[k] for k in keys]).tolist()  # one device-to-host copy
         return {k: (lo, hi) for k, (lo, hi) in zip(keys, listed, strict=True) if math.isfinite(lo + hi)}
+
+
+def usable_images(images: Tensor) -> Tensor:
+    """``[B]`` bool: which images the engine can explain, their pixels finite and not all equal (it gives the others
+    NaN attention)."""
+    flat = images.flatten(1)
+    return torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
+
+
+def nonfinite_attention(reg: RegularizedAttention, usable: Tensor | None) -> Tensor:
+    """``[B]`` bool: the images skipped because the model's attention on them is not finite while their pixels are
+    usable (:func:`usable_images`; none without ``usable``)."""
+    valid = reg.significance.valid
+    if usable is None:
+        return torch.zeros_like(valid)
+    return ~valid & usable.to(valid.device) & ~torch.isfinite(reg.attention).all(1)
 
 
 def image_rows(scores: dict[str, Tensor], ids: list[int]) -> list[dict]:

@@ -187,3 +187,33 @@ def test_a_resume_on_another_number_of_processes_without_sample_ids_starts_a_new
         resumed = _fit(tmp_path / name, without_ids(), checkpoint, 2)
         assert not resumed.resumed_warnings, name
         assert [row["comparison"] for row in resumed.history] == [0, 0] and STABILITY in resumed.history[1]
+
+
+@pytest.mark.parametrize("statistics", ["inline", "background"])
+def test_a_model_whose_attention_is_not_finite_is_blamed_not_the_images(tmp_path, statistics):
+    def one_constant(batch):  # image 0 constant: degenerate; the others fine
+        images = batch[0].clone()
+        images[0] = 0.25
+        return (images, *batch[1:])
+
+    module = tiny_module()
+    with torch.no_grad():
+        module.vit.blocks[0].attn.qkv.weight.fill_(float("nan"))  # a training run gone NaN
+    data = MappedVal(one_constant)
+    data.inner = tiny_data(val_size=8)
+    knobs = {**QUICK, "num_images": 8, "statistics": statistics}
+    cb = AttentionRegularizationCallback(**knobs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (logged,) = _trainer(tmp_path, [cb], False).validate(module, data, verbose=False)
+    counts = [logged[f"attnreg/{k}"] for k in ("explained", "skipped_degenerate", "skipped_nonfinite_attention")]
+    assert counts == [0, 1, 7] and cb.skipped_total == 8
+    (model,) = _said(caught, "the model's attention is not finite")
+    assert "on 7 image(s) whose pixels are finite and not constant" in model and "learning rate" in model
+    assert "skipped_nonfinite_attention" in model
+    (degenerate,) = _said(caught, "degenerate image(s)")
+    assert degenerate.startswith("attnreg: 1 degenerate image(s) (pixels constant or non-finite")
+
+    raising = AttentionRegularizationCallback(**{**knobs, "on_error": "raise"})
+    with pytest.raises(ValueError, match=r"1 degenerate image.*; the model's attention is not finite on 7 image"):
+        _trainer(tmp_path, [raising], False).validate(module, data, verbose=False)
