@@ -105,10 +105,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str:
-    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
-
-
 def _stage(trainer: L.Trainer) -> str:
     """Which validation run: ``epoch<e>`` during fit, else the trainer's stage (``validate``)."""
     return f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
@@ -785,7 +781,7 @@ class AttentionRegularizationCallback(Callback):
             "validation_runs": self.validation_runs,
             "probes": self.probes.state_dict(),
             "history": self.history,
-            "autocast": _dtype_name(self.config.autocast(self._precision)),
+            "autocast": self._forwards_dtype(),
             "world_size": self._world_size,
             "ids": self._ids_given,
             "comparison": self._comparison,
@@ -798,7 +794,7 @@ class AttentionRegularizationCallback(Callback):
         history and probes.
 
         Runs measured otherwise are not compared: when a knob that changes what a run measures differs from the
-        checkpoint's (any knob but :data:`UNCOMPARED_KNOBS`; ``autocast_dtype`` as the precision resolves it), or
+        checkpoint's (any knob but :data:`UNCOMPARED_KNOBS`; ``autocast_dtype`` by the dtype the forwards run in), or
         when the checkpoint's batches carried no sample ids and the number of processes differs (ids made up by
         position then name other images), it warns, naming each change, and starts a new comparison: the probes are
         picked and followed anew (the stability keys compare no map across the checkpoint), and the history keeps
@@ -838,6 +834,13 @@ class AttentionRegularizationCallback(Callback):
             self._comparison += 1
             self._changed = {knob: [_plain(old), _plain(new)] for knob, (old, new) in changed.items()}
 
+    def _forwards_dtype(self) -> str | None:
+        """The dtype of the engine's forwards (None before ``setup`` has made the engine)."""
+        if not isinstance(self.engine, AttentionRegularizer):
+            return None
+        dtype = self.engine.autocast_dtype
+        return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
     def _changed_since(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """What the checkpoint measured otherwise than this run will: ``{knob: (old, new)}``."""
         saved, now = state.get("config", {}), dataclasses.asdict(self.config)
@@ -846,11 +849,12 @@ class AttentionRegularizationCallback(Callback):
             for knob in now
             if knob in saved and knob not in UNCOMPARED_KNOBS and _plain(saved[knob]) != _plain(now[knob])
         }
-        if "autocast" in state:  # the dtype the forwards ran in, whatever the knob said ("auto": the precision's)
+        # the dtype the forwards ran in, whatever the knob said ("auto": the precision's, on the model's device)
+        forwards = self._forwards_dtype()
+        if state.get("autocast") is not None and forwards is not None:
             changed.pop("autocast_dtype", None)
-            autocast = _dtype_name(self.config.autocast(self._precision))
-            if state["autocast"] != autocast:
-                changed["autocast_dtype"] = (state["autocast"], autocast)
+            if state["autocast"] != forwards:
+                changed["autocast_dtype"] = (state["autocast"], forwards)
         if state.get("ids") is False and state.get("world_size", self._world_size) != self._world_size:
             changed["processes (batches without sample ids)"] = (state["world_size"], self._world_size)
         return changed
