@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.config import register_configs
+from attnreg_lightning.loggers import log_report
 
 register_configs()
 
@@ -121,12 +122,20 @@ def _fit(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> float:
     trainer.fit(model, datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    (explainer,) = [c for c in callbacks if isinstance(c, AttentionRegularizationCallback)]
+    checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+    report = Path(checkpoints or trainer.default_root_dir) / f"{attnreg.name}_report.html"  # where the fit's went
     if cfg.validate_best and best:
         (validated,) = trainer.validate(model, datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in validated.items()})
+        if trainer.is_global_zero and explainer.history:
+            # the fit's end wrote the report before this validation, whose values metrics.json holds: written
+            # again, it ends with them
+            explainer.write_report(report)
+            log_report(trainer.loggers, report)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print_summary(metrics, output_dir, logger, best, output_dir / "checkpoints" / f"{attnreg.name}_report.html")
+        print_summary(metrics, output_dir, logger, best, report)
     if cfg.optimized_metric not in metrics:
         raise ValueError(f"optimized_metric={cfg.optimized_metric!r} was not logged; logged: {sorted(metrics)}")
     return metrics[cfg.optimized_metric]

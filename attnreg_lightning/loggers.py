@@ -22,6 +22,17 @@ IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")
 MASK_KEY, EVOLUTION_KEY = "significance", "evolution"
 
 
+class WandbAppLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` that gives ``wandb.init`` no ``anonymous`` setting unless one is asked for: Lightning
+    passes ``anonymous=None`` to every run, and wandb (0.23 on, anonymous mode removed) warns at each run that the
+    setting has no effect."""
+
+    def __init__(self, *args, anonymous: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, anonymous=anonymous, **kwargs)
+        if anonymous is None:
+            del self._wandb_init["anonymous"]
+
+
 def log_pictures(
     loggers: list[Logger],
     rows: list[PictureRow],
@@ -75,10 +86,16 @@ def log_evolution(loggers: list[Logger], pictures: list[tuple[np.ndarray, str]],
 
 
 def log_report(loggers: list[Logger], path: Path) -> None:
-    """The HTML report as a file of the W&B run (the others find it beside the checkpoints)."""
+    """The HTML report as a file of the W&B run (the others find it beside the checkpoints); saved again, the run
+    holds the report as it is now."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+            # a copy of its own in the run's folder: wandb.save of a file outside it links the file and warns that a
+            # later change needs another save (a link would also break when the run folder moves)
+            run = logger.experiment
+            copy = Path(run.dir) / path.name
+            shutil.copyfile(path, copy)
+            run.save(str(copy), base_path=run.dir, policy="now")
 
 
 def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix) -> None:

@@ -98,16 +98,20 @@ def interval_of(row: Mapping[str, Any], key: str) -> tuple[float, float] | None:
 
 def y_limits(key: str, values: Sequence[float], intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """A plot's y range: all values and intervals, spanning at least the intervals' span and
-    ``INTERVAL_SPAN`` of the natural range (``NO_INTERVAL_SPAN`` without intervals; 2 for counts, 10% of the
-    largest value for an unbounded metric), inside the natural range where the data are, plus 5% margins."""
+    ``INTERVAL_SPAN`` of the natural range (``NO_INTERVAL_SPAN`` without an interval of any width; 10% of the
+    largest value for an unbounded metric), inside the natural range where the data are, plus 5% margins. A count
+    is drawn from 0 (64 images explained at two runs is not a change of 0 on a 63-65 axis)."""
     values = [v for v in values if math.isfinite(v)]
     points = values + [b for bounds in intervals for b in bounds]
     low, high = min(points), max(points)
     natural = natural_range(key)
     if key.rsplit("/", 1)[-1].endswith(COUNTS):
-        floor = 2.0
-    elif natural is not None:
-        floor = (INTERVAL_SPAN if intervals else NO_INTERVAL_SPAN) * (natural[1] - natural[0])
+        span = max(high, 1.0)
+        return -0.05 * span, 1.05 * span
+    # an interval of no width (every image alike, or a single image) says nothing of the scale of the noise
+    widths = any(hi > lo for lo, hi in intervals)
+    if natural is not None:
+        floor = (INTERVAL_SPAN if widths else NO_INTERVAL_SPAN) * (natural[1] - natural[0])
     else:
         floor = 0.1 * max(abs(v) for v in points) or 1.0
     span = max(high - low, floor)
@@ -183,26 +187,30 @@ def write_report(
     ``stage``), ``pictures`` the ``(uint8 image, caption)`` to show (evolution first, then the latest rows)."""
     path = Path(path)
     keys = [f"{prefix}/{k}" for k in HEADLINE]
-    last = history[-1] if history else {}
+    last = str(history[-1]["stage"]) if history else ""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1800px}img{max-width:100%}"
-        "td,th{padding:2px 10px;text-align:left;vertical-align:top}pre{background:#f4f4f4;padding:1em}</style>",
+        "td,th{padding:2px 10px;text-align:left;vertical-align:top}td:nth-child(2),td:nth-child(3){white-space:nowrap}"
+        "pre{background:#f4f4f4;padding:1em}figure{margin:1.5em 0}figcaption{font-weight:bold;margin-bottom:4px}"
+        "</style>",
         f"</head><body><h1>{html.escape(title)}</h1>",
         f"<p>{len(history)} explained run(s): {html.escape(', '.join(str(r['stage']) for r in history))}.</p>",
-        "<h2>Headline metrics</h2><p>The last run's values with their 95% intervals over its images in brackets "
-        "(Student t for means, the delta method for pooled shares and the sRMSD; none for counts).</p>",
-        "<table><tr><th>metric</th><th>last run</th><th>95% interval</th><th>what it means</th></tr>",
+        f"<h2>Headline metrics</h2><p>Each metric's value at the last run ({html.escape(last)}; another run where "
+        "named: the last that computed it) with its 95% interval over the run's images in brackets (Student t for "
+        "means, the delta method for pooled shares and the sRMSD; none for counts).</p>",
+        "<table><tr><th>metric</th><th>value</th><th>95% interval</th><th>what it means</th></tr>",
     ]
     for key, meaning in HEADLINE.items():
-        if not any(math.isfinite(row.get(f"{prefix}/{key}", math.nan)) for row in history):
+        computed = [row for row in history if math.isfinite(row.get(f"{prefix}/{key}", math.nan))]
+        if not computed:
             continue  # a key no run computed (e.g. a region the data do not mark): no row
-        value = last.get(f"{prefix}/{key}")
-        bounds = interval_of(last, f"{prefix}/{key}")
-        shown = "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
-        interval = "" if bounds is None or shown == "–" else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
+        row = computed[-1]  # e.g. the sanity check, which only a fit's end runs, after a later validation
+        value, bounds = row[f"{prefix}/{key}"], interval_of(row, f"{prefix}/{key}")
+        stage = "" if row is history[-1] else f" ({html.escape(str(row['stage']))})"
+        interval = "" if bounds is None else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
         parts.append(
-            f"<tr><td><code>{prefix}/{key}</code></td><td>{shown}</td><td>{interval}</td>"
+            f"<tr><td><code>{prefix}/{key}</code></td><td>{value:.4g}{stage}</td><td>{interval}</td>"
             f"<td>{html.escape(meaning)}</td></tr>"
         )
     parts.append("</table>")
@@ -217,9 +225,9 @@ def write_report(
         parts.append(f"<img src='{_png(plots)}' alt='headline metrics by run'>")
     if pictures:
         parts.append("<h2>Pictures</h2>")
-        for image, caption in pictures:
-            parts.append(f"<figure><img src='{_png(image)}' alt='{html.escape(caption)}'>")
-            parts.append(f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        for image, caption in pictures:  # the caption above its picture: below, it would read as the next one's
+            parts.append(f"<figure><figcaption>{html.escape(caption)}</figcaption>")
+            parts.append(f"<img src='{_png(image)}' alt='{html.escape(caption)}'></figure>")
     parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def test_trainer_options_compose(option):
 
 
 LOGGER_TARGETS = {
-    "wandb": "lightning.pytorch.loggers.WandbLogger",
+    "wandb": "attnreg_lightning.loggers.WandbAppLogger",  # Lightning's WandbLogger, minus a setting wandb warns of
     "tensorboard": "lightning.pytorch.loggers.TensorBoardLogger",
     "csv": "lightning.pytorch.loggers.CSVLogger",
 }

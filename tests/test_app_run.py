@@ -63,6 +63,56 @@ def test_train_writes_metrics_and_says_where_wandb_went(trained):
     (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
     assert run_file.stat().st_size > 0
     assert list((run / "checkpoints").glob("*.ckpt"))
+    # no warning of the app's own W&B settings: Lightning's "anonymous" (which wandb dropped) and the report saved to
+    # the run by a link ("Symlinked 1 file ... call wandb.save again")
+    assert "wandb: WARNING" not in proc.stderr, proc.stderr
+
+
+def test_the_report_ends_with_the_validate_best_run_and_reads_right_in_a_browser(trained, tmp_path):
+    """The report the app leaves (beside the checkpoints, and in the W&B run) is written after its last validation,
+    the validate-best pass whose values metrics.json holds; as Chromium lays it out: one row per headline metric some
+    run computed, values and intervals on one line, each picture's caption above it."""
+    from attnreg_lightning.report import HEADLINE
+    from tests import browser
+    from tests.wandb_reader import history_rows
+
+    run, _ = trained
+    page = run / "checkpoints" / "attnreg_report.html"
+    (in_wandb,) = run.glob("wandb/offline-run-*/files/attnreg_report.html")
+    assert not in_wandb.is_symlink() and in_wandb.read_bytes() == page.read_bytes()
+    if browser.chromium() is None:
+        pytest.skip(browser.SKIP)
+    shown = browser.measure(page, tmp_path)
+    assert shown["runs"] == "2 explained run(s): epoch0, validate."
+    # the rows: the keys some run computed, as the W&B run logged them (the fit's runs, its end's sanity check and the
+    # validate-best pass, whose values metrics.json holds)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    logged = [
+        {k: v for k, v in row.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        for row in history_rows(run_file)
+    ]
+    rows = {r[0]["text"]: r for r in shown["rows"]}
+    computed = [f"attnreg/{k}" for k in HEADLINE if any(f"attnreg/{k}" in row for row in logged)]
+    assert list(rows) == computed and "attnreg/sanity/raw_spearman" in rows
+    assert "attnreg/shortcut/reliance" not in rows and "attnreg/raw/deletion_auc" not in rows  # not computed by default
+    for key, (_, value, interval, meaning) in rows.items():
+        if key in metrics:  # the validate-best pass's value
+            assert value["text"] == f"{metrics[key]:.4g}", key
+        else:  # the sanity check, run at the fit's end only: its value, said to be that run's
+            assert key.startswith("attnreg/sanity/") and value["text"].endswith(" (epoch0)"), key
+            assert value["text"].split()[0] == f"{[row[key] for row in logged if key in row][-1]:.4g}", key
+        assert value["lines"] == 1 and interval["lines"] <= 1, (key, value, interval)
+        assert meaning["text"] == HEADLINE[key.removeprefix("attnreg/")], key
+    # every picture decoded, its caption just above it (below, it would read as the next picture's title)
+    figures = shown["figures"]
+    assert figures and all(f["image_width"] > 0 for f in figures)
+    for previous, figure in zip([None, *figures], figures, strict=False):
+        caption, image = figure["caption_box"], figure["image_box"]
+        assert caption[3] <= image[1] <= caption[3] + 10, figure["caption"]
+        if previous is not None:
+            assert caption[1] - previous["image_box"][3] > image[1] - caption[3], figure["caption"]
+    assert [f["caption"] for f in figures][-1].startswith("id ") and "· validate ·" in figures[-1]["caption"]
 
 
 def test_a_hugging_face_dinov2_trains_with_maps_and_report_and_is_explained(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 import wandb
 from lightning.pytorch.loggers import WandbLogger
@@ -119,3 +120,39 @@ def test_a_run_that_links_media_gets_arrays_not_files_that_are_deleted(tmp_path,
     media = _run_file(tmp_path).parent / "files" / logged["attnreg/maps/filenames"][0]
     assert not Path(folder.name).exists()
     assert np.array_equal(np.asarray(Image.open(media)), picture)
+
+
+@pytest.mark.slow  # starts W&B's service process
+def test_the_apps_wandb_run_and_its_report_warn_of_nothing(tmp_path, monkeypatch, capfd):
+    """The app's W&B logger (conf/logger/wandb.yaml) starts its run without the ``anonymous`` setting wandb warns of
+    (Lightning passes it to every run), and the report saved to the run twice (the fit's end, then after
+    validate-best) is a copy of its own, updated, with no "call wandb.save again" warning."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from attnreg_lightning.loggers import log_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    given = []  # what wandb.init was asked (its "anonymous" warning is said once a process: ask, not listen)
+    init = wandb.init
+
+    def spy(*args, **kwargs):
+        given.append(kwargs)
+        return init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy)
+    node = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "logger" / "wandb.yaml")
+    node.save_dir = str(tmp_path)
+    logger = instantiate(node, name="quiet", group="")
+    capfd.readouterr()
+    report = tmp_path / "checkpoints" / "attnreg_report.html"
+    report.parent.mkdir()
+    for version in ("fit", "validate-best"):
+        report.write_text(f"<p>{version}</p>")
+        log_report([logger], report)
+    wandb.finish()
+    (kwargs,) = given
+    assert "anonymous" not in kwargs and kwargs["name"] == "quiet"
+    assert "WARNING" not in capfd.readouterr().err
+    saved = _run_file(tmp_path).parent / "files" / "attnreg_report.html"
+    assert not saved.is_symlink() and saved.read_text() == "<p>validate-best</p>"
