@@ -4,14 +4,15 @@ python explain.py ckpt_path=outputs/train/<time>/checkpoints/last.ckpt          
 python explain.py ckpt_path=... images=/path/to/pngs                              # a folder of images
 python explain.py ckpt_path=... data=image_folder data.root=/data/imagenette data.num_classes=10
 
-Writes into the run folder: ``attnreg/*.png`` (titled pictures), ``metrics.csv``, ``explain_stats.json``
-(per-image statistics), ``explain_summary.json`` (the headline values with their 95% intervals over the images)
-and ``attnreg_report.html``.
+Writes into the run folder: ``csv/attnreg/*.png`` (titled pictures; with ``images=``, named by their files),
+``csv/metrics.csv``, ``explain_stats.json`` (per-image statistics), ``explain_summary.json`` (the headline values with
+their 95% intervals over the images) and ``attnreg_report.html``.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import hydra
@@ -77,17 +78,30 @@ def explain(cfg: DictConfig) -> Path:
             )
         files = ImageFiles(cfg.images, model.hparams.model_name, model.vit.patch_embed.img_size[0])
         data, batch_size = {"dataloaders": DataLoader(files, batch_size=cfg.batch_size)}, cfg.batch_size
+        cropped = files.cropped(range(min(len(files), attnreg.num_images)))
+        if cropped:
+            warnings.warn(
+                f"images={cfg.images}: {len(cropped)} of the explained images are not square; each keeps its aspect, "
+                f"resized by its shorter side to {files.image_size} px and centre-cropped, so its maps cover its "
+                f"middle square only (crop_box in explain_stats.json): {', '.join(cropped[:5])}"
+                + (f" and {len(cropped) - 5} more" if len(cropped) > 5 else ""),
+                stacklevel=2,
+            )
     else:
         datamodule = instantiate(cfg.data, _convert_="all")
         files, data, batch_size = None, {"datamodule": datamodule}, getattr(datamodule, "batch_size", None)
-    # the first num_images are explained: no need to validate past them
     callback = AttentionRegularizationCallback(attnreg)
+    if files is not None:  # pictures and their files named by the image files, not by their place in the folder
+        callback.pictures.names = {i: files.name(i) for i in range(len(files))}
+    # a folder of its own: the run folder already holds Hydra's files, which the CSV logger would warn it deletes
+    logger = CSVLogger(output_dir, name="csv", version="")
     trainer = L.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
-        logger=CSVLogger(output_dir, name="", version=""),
+        logger=logger,
         callbacks=[callback],
         enable_checkpointing=False,
+        # the first num_images are explained: no need to validate past them
         limit_val_batches=-(-attnreg.num_images // batch_size) if batch_size else 1.0,
     )
     explained = Explained(model.attention_model())
@@ -103,6 +117,8 @@ def explain(cfg: DictConfig) -> Path:
     if files is not None:
         for row in stats:
             row["path"] = str(files.paths[row["id"]])
+            width, height, *box = files.crop_box(row["id"])
+            row["size"], row["crop_box"] = [width, height], box  # the part of the file the maps cover
     (output_dir / "explain_stats.json").write_text(json.dumps(stats, indent=2))
     # the run's headline values with their 95% intervals over the images (the report's table, as JSON)
     from attnreg_lightning.report import headline_summary
@@ -114,9 +130,11 @@ def explain(cfg: DictConfig) -> Path:
         "metrics": headline_summary(run, attnreg.name),
     }
     (output_dir / "explain_summary.json").write_text(json.dumps(summary, indent=2))
-    report = callback.write_report(output_dir / f"{attnreg.name}_report.html")
+    # one run: no evolution to show, the pictures are the run's
+    report = callback.write_report(output_dir / f"{attnreg.name}_report.html", evolution=[])
     print(f"\nexplained {len(stats)} image(s) of {cfg.ckpt_path}")
-    print(f"  pictures: {output_dir / attnreg.name}\n  per-image statistics: {output_dir / 'explain_stats.json'}")
+    print(f"  pictures: {Path(logger.log_dir) / attnreg.name}")
+    print(f"  per-image statistics: {output_dir / 'explain_stats.json'}")
     print(f"  headline values with 95% intervals: {output_dir / 'explain_summary.json'}")
     print(f"  report: {report}")
     for line in describe_sanity(sanity):

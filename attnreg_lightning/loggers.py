@@ -6,6 +6,7 @@ does not (images, per-image tables, histograms). Called on rank 0 only.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -150,8 +151,13 @@ def _to_png(folder: Path, rows, name: str) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
+    taken = set()
     for i, r in enumerate(rows):
+        # by the image's own name where it has one (nested/cat.jpg: ..._nested_cat.png), else by its place
+        own = r.name and re.sub(r"[^A-Za-z0-9.-]+", "_", str(Path(r.name).with_suffix("")))
+        file = f"{name}_{own}" if own and own not in taken else f"{name}_image{i}"
+        taken.add(own)
         if "image" in r.files:
-            shutil.copyfile(r.files["image"], folder / f"{name}_image{i}.png")
+            shutil.copyfile(r.files["image"], folder / f"{file}.png")
         else:
-            Image.fromarray(r.image).save(folder / f"{name}_image{i}.png")
+            Image.fromarray(r.image).save(folder / f"{file}.png")

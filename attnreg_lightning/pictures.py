@@ -29,6 +29,7 @@ class PictureRow:
     input: np.ndarray | None = None  # uint8 [H', W', 3], the input as drawn
     mask: np.ndarray | None = None  # uint8 [H', W'] classes of viz.MASK_CLASSES over ``input``
     files: dict[str, Path] = field(default_factory=dict)  # PNGs of "image" and "input", while the run's are kept
+    name: str | None = None  # the image's own name (its file's), where it has one: PNG files are named by it
 
 
 @dataclass
@@ -53,12 +54,14 @@ class PictureBook:
     """The pictures of the current run (the first ``limit`` valid images) and the probes' map history.
 
     The colour scale of a probe's attention panels is its first run's, so its pictures compare across runs. With
-    ``write_png``, each row's picture and input are also written as PNG files as they are drawn.
+    ``write_png``, each row's picture and input are also written as PNG files as they are drawn. ``names`` gives
+    sample ids a name to be shown by (``explain.py images=``: each file's path), in place of ``id <n>``.
     """
 
     def __init__(self, probes: ProbeBook, maps: Sequence[str], limit: int) -> None:
         self.probes, self.maps, self.limit = probes, list(maps), limit
         self.write_png = False
+        self.names: dict[int, str] = {}
         self._folder: tempfile.TemporaryDirectory | None = None
         self.start_run()
 
@@ -97,14 +100,15 @@ class PictureBook:
             scale = self.probes.scale(ids[i])  # noted by ProbeBook.follow: the probe's first run's scale
             kept = int((reg.maps["lfdr"][i] > 0).sum())
             run = stage.replace("epoch", "epoch ")
-            title = f"id {ids[i]} · {run} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
+            title = f"{self.label(ids[i])} · {run} · pi0 {float(sig.pi0[i]):.2f} · lfdr keeps {kept}/{sig.z.shape[1]}"
             picture = picture_row(images[i], reg, i, self.maps, title=title, scale=scale)
             if reg.per_head is not None:
                 picture = stack(picture, heads_picture(images[i], reg.per_head, i, heads))
             base = display_uint8(images[i])
             stats = {"id": ids[i], **{k: float(v[j]) for k, v in scores.items()}}
             files = {"image": self._png("image", picture), "input": self._png("input", base)} if self.write_png else {}
-            self.rows.append(PictureRow(picture, title, stats, base, mask_classes(reg, i, base.shape[:2]), files))
+            mask = mask_classes(reg, i, base.shape[:2])
+            self.rows.append(PictureRow(picture, title, stats, base, mask, files, self.names.get(ids[i])))
             self.probes.add_history(
                 ids[i],
                 stage,
@@ -112,6 +116,10 @@ class PictureBook:
                 reg.maps["lfdr"][i].double().cpu().numpy().reshape(reg.grid),
                 base,
             )
+
+    def label(self, sample_id: int) -> str:
+        """How a picture names an image: its name where it has one, else its id."""
+        return self.names.get(sample_id, f"id {sample_id}")
 
     def end_run(self) -> RunPictures | None:
         """This run's pictures, if any was drawn; the book is then empty for the next run."""
@@ -128,6 +136,9 @@ class PictureBook:
         """How each pictured probe's raw and lfdr maps moved over the explained runs (up to ``limit``)."""
         followed = [(i, r) for i, r in self.probes.records.items() if r.history and r.image is not None]
         return [
-            (evolution_picture(r.image, r.history, r.scale, title=f"id {i}"), f"id {i}: raw and lfdr maps by run")
+            (
+                evolution_picture(r.image, r.history, r.scale, title=self.label(i)),
+                f"{self.label(i)}: raw and lfdr maps by run",
+            )
             for i, r in followed[: self.limit]
         ]

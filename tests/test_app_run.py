@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -286,34 +287,71 @@ def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path, trained):
 def test_explain_a_checkpoint_on_its_validation_images_and_on_a_folder(tmp_path, trained):
     from PIL import Image
 
+    from attnreg_lightning import AttnRegConfig
+    from tests.test_pictures import _panels
+
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
     knobs = ["data.image_size=48", "attnreg.num_images=6", "attnreg.log_images=2", "attnreg.n_bootstrap=3"]
     proc = run_app(tmp_path, f"ckpt_path={ckpt}", *knobs, f"hydra.run.dir={tmp_path / 'val'}", script="explain.py")
     _ok(proc)
+    # the CSV logger has a folder of its own: in the run folder, beside Hydra's files, it warned it deletes files
+    assert "will be deleted" not in proc.stderr, proc.stderr
     out = tmp_path / "val"
     stats = json.loads((out / "explain_stats.json").read_text())
     assert len(stats) == 6 and all(0 <= s["lfdr/sparsity"] <= 1 for s in stats)
     assert len({s["id"] for s in stats}) == 6
-    assert len(list((out / "attnreg").glob("*_validate_image*.png"))) == 2
+    assert len(list((out / "csv" / "attnreg").glob("*_validate_image*.png"))) == 2
     assert "attnreg/lfdr/roi_kept" in (out / "attnreg_report.html").read_text()
 
+    # a folder: squares, and two files of other aspects in three bands (red, green, blue) each, the green one in the
+    # middle square and a margin wide: what the model sees of them (their middle square, aspect kept), and that it
+    # is said; every picture and picture file named by its file
     folder = tmp_path / "pngs" / "nested"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(folder / f"x{i}.png")
+    bands = np.zeros((60, 120, 3), np.uint8)
+    bands[:, :20], bands[:, 20:100], bands[:, 100:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    Image.fromarray(bands).save(tmp_path / "pngs" / "wide one.png")
+    Image.fromarray(bands.transpose(1, 0, 2)[:100]).save(tmp_path / "pngs" / "tall.png")  # 60 x 100, bands 20/60/20
+    folder_knobs = ["data.image_size=48", "attnreg.num_images=7", "attnreg.log_images=7", "attnreg.n_bootstrap=3"]
     proc = run_app(
         tmp_path,
         f"ckpt_path={ckpt}",
         f"images={tmp_path / 'pngs'}",
-        *knobs,
+        *folder_knobs,
         "batch_size=2",
         f"hydra.run.dir={tmp_path / 'folder'}",
         script="explain.py",
     )
     _ok(proc)
+    assert "will be deleted" not in proc.stderr, proc.stderr
+    names = [f"nested/x{i}.png" for i in range(5)] + ["tall.png", "wide one.png"]
     stats = json.loads((tmp_path / "folder" / "explain_stats.json").read_text())
-    assert [Path(s["path"]).name for s in stats] == [f"x{i}.png" for i in range(5)]  # every file, in order
+    assert [Path(s["path"]).relative_to(tmp_path / "pngs").as_posix() for s in stats] == names  # every file, in order
+    assert [(s["size"], s["crop_box"]) for s in stats[-2:]] == [
+        ([60, 100], [0, 20, 60, 80]),
+        ([120, 60], [30, 0, 90, 60]),
+    ]
+    assert all(s["crop_box"] == [0, 0, 60, 60] for s in stats[:5])
+    assert "2 of the explained images are not square" in proc.stderr
+    assert (
+        "tall.png (60x100: the middle 60x60)" in proc.stderr
+        and "wide one.png (120x60: the middle 60x60)" in proc.stderr
+    )
+    pictures = tmp_path / "folder" / "csv" / "attnreg"
+    files = ["nested_x0", "nested_x1", "nested_x2", "nested_x3", "nested_x4", "tall", "wide_one"]
+    assert sorted(p.name for p in pictures.glob("*.png")) == sorted(f"step0000000_validate_{n}.png" for n in files)
+    page = (tmp_path / "folder" / "attnreg_report.html").read_text()
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
+    assert [c.split(" · ")[0] for c in captions] == names and all(" · validate · " in c for c in captions)
+    panels = 5 + len(AttnRegConfig().maps)  # input, raw, z, -log10 p, local FDR, each map
+    for name in ("tall", "wide_one"):  # the input as drawn: the green middle, neither squashed nor another part
+        picture = np.asarray(Image.open(pictures / f"step0000000_validate_{name}.png").convert("RGB")).astype(int)
+        x0, x1, y0, y1 = _panels(picture, panels)[0]
+        shown = picture[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].reshape(-1, 3)
+        assert (shown[:, 1] > 200).all() and (shown[:, [0, 2]] < 60).all(), name
 
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*no such file"):
         _explain_in_process(tmp_path / "bad", f"ckpt_path={tmp_path / 'nope.ckpt'}")

@@ -148,7 +148,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 class ImageFiles(Dataset):
     """Every image file under ``root`` (any depth, sorted by path), for explaining without labels: items are
-    dicts with ``image`` and ``id`` (the file's place in that order), ``paths`` names them."""
+    dicts with ``image`` and ``id`` (the file's place in that order), ``paths`` names them. Each image keeps its
+    aspect: resized by its shorter side to ``image_size`` and centre-cropped, as the model's validation images are
+    (:func:`model_transform`), so a non-square image is explained on its middle square (:meth:`crop_box`)."""
 
     def __init__(self, root: str | Path, model_name: str, image_size: int) -> None:
         self.root = Path(root)
@@ -157,7 +159,30 @@ class ImageFiles(Dataset):
         self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise ValueError(f"images={str(root)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.image_size = image_size
         self.transform = model_transform(model_name, image_size)
+
+    def name(self, index: int) -> str:
+        """The file's path under ``root``."""
+        return self.paths[index].relative_to(self.root).as_posix()
+
+    def crop_box(self, index: int) -> tuple[int, int, int, int, int, int]:
+        """The file's size and the part of it the model sees: ``(width, height, left, top, right, bottom)`` in the
+        file's pixels (the whole file for a square one)."""
+        with Image.open(self.paths[index]) as image:  # the header only: no pixels are decoded
+            width, height = image.size
+        side = min(width, height)
+        left, top = round((width - side) / 2), round((height - side) / 2)
+        return width, height, left, top, left + side, top + side
+
+    def cropped(self, indices: Sequence[int]) -> list[str]:
+        """Of the images at ``indices``, the non-square ones, each as ``name (W x H: the middle S x S)``."""
+        out = []
+        for i in indices:
+            width, height, left, top, right, bottom = self.crop_box(i)
+            if (width, height) != (right - left, bottom - top):
+                out.append(f"{self.name(i)} ({width}x{height}: the middle {right - left}x{bottom - top})")
+        return out
 
     def __len__(self) -> int:
         return len(self.paths)
