@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
@@ -81,9 +82,46 @@ def finish_wandb(logger, failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def check_resume(cfg: DictConfig) -> None:
+    """A fit resumed from ``ckpt_path`` trains only up to ``trainer.max_epochs``: refuse one that has nothing left to
+    train (Lightning would stop at once), and say what the resumed learning-rate schedule does."""
+    if not cfg.ckpt_path:
+        return
+    import torch
+
+    if not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such file")
+    # mmap: the weights and the optimizer's moments are not read, only the loop's counters and the schedule
+    state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs != -1 and epochs >= max_epochs:
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path!r} has trained {epochs} epoch(s) and trainer.max_epochs={max_epochs}: nothing "
+            f"is left to train. To train on, raise it (e.g. trainer.max_epochs={epochs + max(1, epochs)}); the "
+            "learning-rate schedule then goes on from the checkpoint's, it is not planned anew (docs/app.md)"
+        )
+    schedulers = state.get("lr_schedulers", [])
+    lr = ", ".join(f"{v:.3g}" for s in schedulers for v in s.get("_last_lr", [])) or "unknown"
+    # the app's models: a linear warm-up, then a cosine over the rest of the first fit's steps (models.py)
+    cosine = next((s["T_max"] for c in schedulers for s in c.get("_schedulers", [c]) if "T_max" in s), None)
+    after = (
+        f"past the end of its {cosine} cosine steps it rises again along the same cosine, back to model.lr {cosine} "
+        "steps later, then falls again"
+        if cosine
+        else "past its end it goes on as that schedule goes on"
+    )
+    rank_zero_info(
+        f"Resuming {cfg.ckpt_path} after {epochs} epoch(s), global step {state['global_step']}, up to "
+        f"trainer.max_epochs={max_epochs}. The optimizer and its learning-rate schedule go on from the checkpoint's, "
+        f"at learning rate {lr}: the schedule was planned over the first fit's steps and is not planned anew; {after}"
+    )
+
+
 def train(cfg: DictConfig) -> float:
     """Fit, validate the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
     attnreg = AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
+    check_resume(cfg)
     logger = build_logger(cfg)
     try:
         result = _fit(cfg, attnreg, logger)

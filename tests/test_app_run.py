@@ -259,29 +259,60 @@ def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
 
 
 def test_resume_fit_from_a_checkpoint_through_the_app(tmp_path, trained):
+    """A finished fit (1 epoch of 3 steps, its cosine over those 3 steps) resumed with trainer.max_epochs raised to 3:
+    it trains two epochs more, on the checkpoint's optimizer, and its learning rate goes on along the first fit's
+    cosine past its end: from 0 back up to model.lr in 3 steps, then down again (not planned anew over 9 steps). With
+    max_epochs not raised it is refused, naming the key."""
+    import csv
+
+    import torch
+
+    import train
+
     last = trained[0] / "checkpoints" / "last.ckpt"
+    cfg = _compose_train(f"ckpt_path={last}", "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'refused'}")
+    with pytest.raises(ValueError, match=r"has trained 1 epoch\(s\) and trainer\.max_epochs=1: nothing is left"):
+        train.train(cfg)
+    assert not (tmp_path / "refused").exists()
     proc = run_app(
         tmp_path,
         *[o for o in TINY if o != "trainer.max_epochs=1"],
-        "trainer.max_epochs=2",
-        "+trainer.limit_train_batches=1",  # a fresh run would stop at global step 2, a resumed one at 3 + 1
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=1",
         f"ckpt_path={last}",
         "logger=csv",
         f"hydra.run.dir={tmp_path / 'resumed'}",
     )
     _ok(proc)
-    import torch
-
+    assert "Resuming" in proc.stderr and "trainer.max_epochs=3" in proc.stderr and "not planned anew" in proc.stderr
     first = torch.load(last, weights_only=False)
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert first["global_step"] == 3 and state["global_step"] == 4  # one more step on top of the first run's
+    assert first["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1
+    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 3  # trained on: epochs 1 and 2
+    assert first["global_step"] == 3 and state["global_step"] == 9
     (adam,) = state["optimizer_states"]
-    assert {int(s["step"]) for s in adam["state"].values()} == {4}  # the optimizer's moments carried on
-    assert state["lr_schedulers"][0]["last_epoch"] == first["lr_schedulers"][0]["last_epoch"] + 1
+    assert {int(s["step"]) for s in adam["state"].values()} == {9}  # the optimizer's moments carried on
+    lr = 1e-3  # model.lr
+    logged = list(csv.DictReader(open(tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv")))
+    rates = {int(r["step"]): float(r["lr-AdamW"]) for r in logged if r.get("lr-AdamW")}
+    # step 3 at the finished schedule's last rate, then lr (1 - cos(pi k / 3)) / 2 for k steps past its end
+    expected = {3 + k: lr * (1 - np.cos(np.pi * k / 3)) / 2 for k in range(6)}
+    assert rates.keys() == expected.keys()
+    assert [rates[s] for s in sorted(rates)] == pytest.approx([expected[s] for s in sorted(expected)], abs=1e-12)
+    assert rates[3] == 0 and rates[6] == pytest.approx(lr) and rates[8] < rates[7] < rates[6]  # up, then down
     (cb_first,) = [v for k, v in first["callbacks"].items() if "AttentionRegularizationCallback" in k]
     (cb_state,) = [v for k, v in state["callbacks"].items() if "AttentionRegularizationCallback" in k]
-    assert cb_state["validation_runs"] == 2 and cb_state["explained_total"] == 16  # the count carried over
+    assert cb_state["validation_runs"] == 3 and cb_state["explained_total"] == 24  # the count carried over
     assert cb_state["history"][:1] == cb_first["history"]  # the first run's logged values, kept
+
+
+def _compose_train(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def test_explain_a_checkpoint_on_its_validation_images_and_on_a_folder(tmp_path, trained):
