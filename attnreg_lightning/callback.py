@@ -33,9 +33,15 @@ from attnreg_lightning.batch import (
     sampler_padding,
     take_rows,
 )
-from attnreg_lightning.config import AttnRegConfig
-from attnreg_lightning.engine import AttentionRegularizer, statistics_device
-from attnreg_lightning.faithfulness import classifier_forward, faithfulness
+from attnreg_lightning.config import KNOB_DEFAULTS, KNOB_NAMES, AttnRegConfig, check_knob_names
+from attnreg_lightning.engine import PRECISION_DTYPES, AttentionRegularizer, statistics_device
+from attnreg_lightning.faithfulness import (
+    Prediction,
+    classifier_forward,
+    faithfulness,
+    prediction_forward,
+    probe_images,
+)
 from attnreg_lightning.loggers import log_evolution, log_pictures, log_report, wants_png, warn_unknown
 from attnreg_lightning.metrics import MeanScores, token_mask
 from attnreg_lightning.pictures import PictureBook, PictureRow
@@ -105,6 +111,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _stage(trainer: L.Trainer) -> str:
     """Which validation run: ``epoch<e>`` during fit, else the trainer's stage (``validate``)."""
     return f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
@@ -139,24 +150,103 @@ class AttentionRegularizationCallback(Callback):
     (ids made up by position then name other images), starts a new comparison instead (:meth:`load_state_dict`).
 
     Args:
-        config: all knobs at once; or give them as keyword arguments (``n_bootstrap=20``, ...).
+        config: all knobs at once (an :class:`AttnRegConfig`, as the app builds it); or give them one by one below.
         batch_to_images: reads a batch into a :class:`BatchView` when the default reader can't.
+        method: null images: ``normal``, ``uniform``, ``pixel`` (pixels resampled) or ``patch`` (tiles permuted).
+        n_bootstrap: null images per explained image (``N >= 1``; ``N + 1`` forwards per image).
+        z_th: the ``zreg`` map keeps tokens with ``z >= z_th``.
+        p_th: the ``p`` map keeps tokens with ``p <= p_th``.
+        lfdr_th: the ``lfdr`` map keeps tokens with local FDR ``<= lfdr_th``.
+        q_th: the ``q`` map keeps tokens with q-value ``<= q_th``.
+        pi0: None: Storey's estimate per image; a float in [0, 1] fixes it.
+        num_images: probe images per rank, explained at every explained run (0: off).
+        every_n_epochs: explain the first validation run of a fit and every n-th run after it.
+        dataloader_idx: the validation loader explained (one callback, with its own ``name``, per loader).
+        maps: the maps whose metrics and pictures are logged (``p``, ``lfdr``, ``pi0``, ``posterior``, ``zreg``,
+            ``q``).
+        max_images_per_forward: most images in one forward (memory does not grow with ``N``).
+        autocast_dtype: the forwards' autocast: ``"auto"`` (the trainer's precision; float32 on a CPU that would
+            emulate bfloat16), None (float32), ``"bfloat16"`` or ``"float16"``.
+        seed: seed of the callback's own generators (the global RNG is never touched).
+        log_images: picture rows per explained run (rank 0).
+        on_error: ``"warn"``: skip, count and warn of what fails; ``"raise"``: fail the run (every rank).
+        std_factor: ``normal`` nulls: the noise's std as a multiple of the image's.
+        all_channels: ``normal``/``uniform`` nulls: one distribution per channel (False: over all channels).
+        patch_size: ``patch`` nulls: the tile size (None: the model's patch size).
+        normalization: ``uniform`` nulls: ``"imagenet"`` re-normalizes them, as the paper's code does.
+        probe_ids: sample ids of the probe images (None: each rank's first ``num_images``).
+        heads: ``"mean"`` (attention averaged over heads) or ``"all"`` (each head tested too).
+        statistics: ``"inline"``, ``"background"`` (a CPU thread, off the device's critical path) or ``"auto"``
+            (background on a GPU).
+        faithfulness: ``"off"``, ``"kept"`` (do the kept tokens matter?) or ``"curves"`` (deletion/insertion too).
+        faithfulness_maps: the thresholded maps whose faithfulness is scored.
+        faithfulness_steps: steps of the deletion and insertion curves.
+        faithfulness_baseline: what a removed token becomes: ``"mean"``, ``"blur"``, ``"zeros"`` (pixels) or
+            ``"drop"`` (dropped from the ViT's sequence).
+        faithfulness_regions: marked regions whose reliance is scored (``roi``, ``noise``, ``shortcut``).
+        faithfulness_prediction: whose prediction faithfulness scores: ``"auto"`` (the module's own forward where it
+            returns class scores, else the ViT's head), ``"module"`` or ``"vit"``.
+        sanity_check: at a fit's end, compare the maps with those of the model's last block re-initialized.
+        sanity_draws: re-initializations in the sanity check.
+        name: prefix of every logged key and the checkpoint state's key (two callbacks need two names).
+
+    Every knob's meaning, default and cost: ``docs/knobs.md``. An unknown knob is refused naming the closest ones.
     """
 
     def __init__(
         self,
         config: AttnRegConfig | None = None,
         batch_to_images: Callable[[Any], BatchView] | None = None,
-        **knobs: Any,
+        *,
+        method: str = "normal",
+        n_bootstrap: int = 10,
+        z_th: float = 0.0,
+        p_th: float = 0.3,
+        lfdr_th: float = 0.3,
+        q_th: float = 0.1,
+        pi0: float | None = None,
+        num_images: int = 16,
+        every_n_epochs: int = 1,
+        dataloader_idx: int = 0,
+        maps: Sequence[str] = ("p", "lfdr", "pi0", "posterior"),
+        max_images_per_forward: int = 256,
+        autocast_dtype: str | torch.dtype | None = "auto",
+        seed: int = 0,
+        log_images: int = 4,
+        on_error: str = "warn",
+        std_factor: float = 1.0,
+        all_channels: bool = True,
+        patch_size: int | None = None,
+        normalization: str | None = None,
+        probe_ids: Sequence[int] | None = None,
+        heads: str = "mean",
+        statistics: str = "auto",
+        faithfulness: str = "kept",
+        faithfulness_maps: Sequence[str] = ("lfdr",),
+        faithfulness_steps: int = 8,
+        faithfulness_baseline: str = "mean",
+        faithfulness_regions: Sequence[str] = ("shortcut",),
+        faithfulness_prediction: str = "auto",
+        sanity_check: bool = True,
+        sanity_draws: int = 128,
+        name: str = "attnreg",
+        **unknown: Any,
     ) -> None:
-        if config is not None and knobs:
-            raise ValueError(f"give either config or keyword knobs, not both (got {sorted(knobs)})")
-        self.config = config if config is not None else AttnRegConfig(**knobs)
+        check_knob_names(unknown, type(self).__name__)
+        given = {k: v for k, v in locals().items() if k in KNOB_NAMES}
+        given = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
+        if config is not None:
+            changed = sorted(k for k, v in given.items() if v != KNOB_DEFAULTS[k])
+            if changed:
+                raise ValueError(f"give either config or keyword knobs, not both (got {changed})")
+        self.config = config if config is not None else AttnRegConfig(**given)
         self._batch_to_images = batch_to_images or default_batch_to_images
         self.engine: AttentionRegularizer | None = None
         cfg = self.config
         self.run_metrics = RunMetrics(cfg.maps, cfg.faithfulness, cfg.faithfulness_maps, cfg.faithfulness_regions)
         self._classify: Callable[[Tensor], Tensor] | None = None  # images -> logits, for faithfulness
+        self._prediction_source: str | None = None  # whose logits _classify gives: "vit" or "module"
+        self._root_device: torch.device | None = None  # where the trainer runs the model
         self.num_heads: int | None = None
         self.probes = ProbeBook(self.config.probe_ids)
         self.pictures = PictureBook(self.probes, self.config.maps, self.config.log_images)
@@ -208,19 +298,22 @@ class AttentionRegularizationCallback(Callback):
         check_model(vit)
         self._fitting = stage == "fit"
         self._precision = getattr(trainer, "precision", None)
+        # the model moves there after the setup hooks: autocast_dtype="auto" is resolved for the device it runs on
+        self._root_device = trainer.strategy.root_device if trainer is not None else _device(pl_module)
         if trainer is not None:
             self._rank, self._world_size = trainer.global_rank, trainer.world_size
         self.pictures.write_png = trainer is not None and wants_png(trainer.loggers)
-        self._classify = None if self.config.faithfulness == "off" else classifier_forward(pl_module)
+        self._choose_prediction(pl_module, vit)
         if self._classify is not None and self.config.faithfulness_baseline == "drop":
             check_droppable(pl_module)  # refused now, with the reason, rather than at every batch
         self.engine = self._new_engine(pl_module)
-        if self.config.faithfulness != "off" and self._classify is None:
-            rank_zero_warn(
-                f"{self.prefix}.faithfulness={self.config.faithfulness!r}: {type(vit).__name__} has no classification "
-                "head (a backbone alone), so the faithfulness metrics are not computed"
+        bf16 = PRECISION_DTYPES.get(str(self._precision)) == torch.bfloat16
+        if bf16 and self.config.autocast_dtype == "auto" and self.engine.autocast_dtype is None:
+            rank_zero_info(
+                f"{self.prefix}: precision={self._precision} on a CPU without bfloat16 in hardware (emulated there, "
+                "several times slower): the callback's forwards run in float32; autocast_dtype='bfloat16' follows the "
+                "trainer anyway"
             )
-            self.run_metrics.drop_faithfulness()
         if self.config.heads == "all" and self.run_metrics.head_scores is None:
             self.num_heads = num_heads(vit)
             if self.num_heads is None:
@@ -234,11 +327,36 @@ class AttentionRegularizationCallback(Callback):
                 logger.log_hyperparams({self.prefix: dataclasses.asdict(self.config)})
             self._logged_config = True
 
+    def _choose_prediction(self, pl_module: L.LightningModule, vit: nn.Module) -> None:
+        """Whose class scores faithfulness scores (:func:`prediction_forward`), decided once at setup on two random
+        images of the model's size, the same on every rank: the module's own forward where it gives class scores
+        other than the ViT head's (a head of its own), else the ViT's head; none for a backbone without any."""
+        self._classify, self._prediction_source = None, None
+        cfg = self.config
+        if cfg.faithfulness == "off":
+            return
+        images = probe_images(vit, pl_module.device)
+        if images is None:  # a family whose input size is not known: its reader's head, as the model predicts it
+            chosen = Prediction(classifier_forward(pl_module), "vit")
+        else:
+            chosen = prediction_forward(pl_module, images, cfg.faithfulness_prediction)
+        if chosen.note:
+            rank_zero_warn(f"{self.prefix}: {chosen.note} (faithfulness_prediction='vit' says so and is quiet)")
+        self._classify, self._prediction_source = chosen.forward, chosen.source
+        if self._classify is None:
+            rank_zero_warn(
+                f"{self.prefix}.faithfulness={cfg.faithfulness!r}: {type(vit).__name__} has no classification head "
+                f"and {type(pl_module).__name__}'s forward gives no class scores [B, classes], so the faithfulness "
+                "metrics are not computed (set faithfulness='off' to say so)"
+            )
+            self.run_metrics.drop_faithfulness()
+
     def _new_engine(self, model: nn.Module) -> AttentionRegularizer:
-        """The engine of the knobs; when faithfulness is scored, it also gives the images' class logits from the
-        forward that reads their attention (the scores' clean forward, saved)."""
-        kwargs = self.config.engine_kwargs(self._precision)
-        return AttentionRegularizer(model, **kwargs, classify=self._classify is not None and reads_logits(model))
+        """The engine of the knobs; when the ViT's head is the prediction scored, it also gives the images' class
+        logits from the forward that reads their attention (the scores' clean forward, saved)."""
+        kwargs = self.config.engine_kwargs(self._precision, self._root_device or _device(model))
+        from_vit = self._prediction_source == "vit" and reads_logits(model)
+        return AttentionRegularizer(model, **kwargs, classify=from_vit)
 
     def _refuse_sharded(self, strategy: Strategy) -> None:
         """Sharded parameters are gathered at each forward, a collective every rank joins: the reads stop a forward

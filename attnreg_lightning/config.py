@@ -6,9 +6,10 @@ out-of-range value fails at start-up with the key named.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from attnreg_lightning.batch import REGIONS
 from attnreg_lightning.bootstrap import NORMALIZATIONS, available_methods
 from attnreg_lightning.engine import AUTOCAST_DTYPES, resolve_autocast_dtype
-from attnreg_lightning.faithfulness import BASELINES, KEPT_MAPS, MODES
+from attnreg_lightning.faithfulness import BASELINES, KEPT_MAPS, MODES, PREDICTIONS
 from attnreg_lightning.regularize import MAP_NAMES, Thresholds
 
 ON_ERROR = ("raise", "warn")
@@ -26,6 +27,18 @@ FAITHFULNESS = ("off", *MODES)
 def _require(ok: bool, key: str, value, what: str) -> None:
     if not ok:
         raise ValueError(f"attnreg.{key}={value!r}: {what}")
+
+
+def check_knob_names(names, where: str = "AttnRegConfig") -> None:
+    """Raise ``TypeError`` for names that are not knobs, each with the closest knobs (a typo names its fix)."""
+    known = [f.name for f in fields(AttnRegConfig)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        raise TypeError(f"{where}: unknown knob {', '.join(hints)}; the knobs are listed in docs/knobs.md")
 
 
 def _is_int(value) -> bool:
@@ -46,9 +59,12 @@ class AttnRegConfig:
     ``inline`` (after the forwards, on the model's device) or ``auto`` (background on a GPU). On MPS, which has no
     float64, the statistics are computed on the CPU.
     ``faithfulness``: whether the model uses what the maps keep (docs/method.md): ``off``, ``kept``
-    (comprehensiveness and sufficiency of each of ``faithfulness_maps`` against top-k and random token sets of the
-    same size) or ``curves`` (also deletion and insertion AUCs of the raw and posterior maps, ``faithfulness_steps``
-    steps); a removed token's pixels become ``faithfulness_baseline`` (``mean``, ``blur`` or ``zeros``).
+    (comprehensiveness and sufficiency of each of ``faithfulness_maps`` beside a fixed-k top set and a random set of
+    the same size) or ``curves`` (also deletion and insertion AUCs of the raw and posterior maps,
+    ``faithfulness_steps`` steps); a removed token's pixels become ``faithfulness_baseline`` (``mean``, ``blur`` or
+    ``zeros``), or it is dropped from the ViT's sequence (``drop``). ``faithfulness_prediction``: whose prediction is
+    scored: ``auto`` (the module's own forward where it returns class scores, else the ViT's head), ``module``,
+    ``vit``.
     ``faithfulness_regions``: the marked regions (of ``roi``, ``noise``, ``shortcut``) whose reliance is scored when
     a batch carries their masks: the predicted class's probability drop when the region's tokens are removed,
     beside as many random tokens (2 forwards per image and region).
@@ -88,6 +104,7 @@ class AttnRegConfig:
     faithfulness_steps: int = 8
     faithfulness_baseline: str = "mean"
     faithfulness_regions: list[str] = field(default_factory=lambda: ["shortcut"])
+    faithfulness_prediction: str = "auto"
     sanity_check: bool = True
     sanity_draws: int = 128
     name: str = "attnreg"
@@ -189,6 +206,12 @@ class AttnRegConfig:
             self.faithfulness_baseline,
             f"choose one of {list(BASELINES)}",
         )
+        _require(
+            self.faithfulness_prediction in PREDICTIONS,
+            "faithfulness_prediction",
+            self.faithfulness_prediction,
+            f"choose one of {list(PREDICTIONS)}",
+        )
         if isinstance(self.faithfulness_regions, str):
             self.faithfulness_regions = [self.faithfulness_regions]
         _require(
@@ -253,6 +276,12 @@ class AttnRegConfig:
             "method_options": self.method_options(),
             "heads": self.heads,
         }
+
+
+KNOB_NAMES = tuple(f.name for f in fields(AttnRegConfig))
+"""Every knob, in :class:`AttnRegConfig`'s order."""
+KNOB_DEFAULTS = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(AttnRegConfig)}
+"""Every knob's default."""
 
 
 def register_configs() -> None:

@@ -145,6 +145,20 @@ def _module_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return forward
 
 
+def probe_images(vit: nn.Module, device: torch.device | str = "cpu", count: int = 2) -> Tensor | None:
+    """``count`` random images of the size ``vit`` takes (timm: ``patch_embed.img_size``; Hugging Face:
+    ``config.image_size``), to tell which forward predicts before any batch is seen; None when the size is unknown."""
+    embed = getattr(vit, "patch_embed", None)
+    config = getattr(vit, "config", None)
+    size = getattr(embed, "img_size", None) or getattr(config, "image_size", None)
+    if size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    channels = getattr(getattr(embed, "proj", None), "in_channels", None) or getattr(config, "num_channels", 3)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(count, channels, *size, generator=generator).to(device)
+
+
 @torch.no_grad()
 def prediction_forward(module: nn.Module, images: Tensor, prefer: str = "auto") -> Prediction:
     """What ``module`` predicts, for the faithfulness scores: ``prefer="auto"`` takes the module's own forward where

@@ -268,3 +268,44 @@ def test_a_marked_region_smaller_than_half_a_token_is_said_once(tmp_path):
         (logged,) = _trainer(tmp_path, [cb]).validate(tiny_module(), data, verbose=False)
     assert len([w for w in said if "cover no token" in str(w.message)]) == 1  # two batches, one warning
     assert not [k for k in logged if "shortcut" in k]
+
+
+class TwoHeads(Backbone):
+    """A backbone that kept its own (pretrained-style, 10-class) head, under the module's 4-class head: the module
+    predicts with its own."""
+
+    def __init__(self, backbone_classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = perturb(
+            timm.create_model(
+                "vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=8, depth=2, embed_dim=48, num_heads=3,
+                num_classes=backbone_classes,
+            )
+        )  # fmt: skip
+
+    def forward(self, images):
+        return self.head(self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True))
+
+
+@pytest.mark.parametrize("backbone_classes", [10, 0])
+def test_faithfulness_scores_the_modules_own_prediction_not_the_backbones_head(tmp_path, backbone_classes):
+    module, data = TwoHeads(backbone_classes), tiny_data(val_size=8, batch_size=4)
+    cb = AttentionRegularizationCallback(n_bootstrap=4, seed=3, num_images=8, log_images=0, sanity_check=False)
+    _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+    assert cb._prediction_source == "module" and not cb.engine.classify  # clean logits: the module's own forward
+
+    images, ids = _val_batches(data)
+    reg = AttentionRegularizer(module, n_bootstrap=4, seed=3)(images, ids)
+    rows = {row["id"]: row for row in cb.image_stats}
+    got = torch.tensor([rows[i]["lfdr/comprehensiveness"] for i in ids], dtype=torch.float64)
+
+    def scored_by(forward):
+        return faithfulness(forward, images, reg.attention, reg.maps, reg.grid, ids, seed=3).scores
+
+    with torch.no_grad():
+        want = scored_by(module.eval())["lfdr/comprehensiveness"]
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-9, atol=1e-12)
+    if backbone_classes:  # the backbone's own head would have given other numbers
+        vit_head = scored_by(classifier_forward(module))["lfdr/comprehensiveness"]
+        assert not torch.allclose(vit_head.nan_to_num(), want.nan_to_num())
