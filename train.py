@@ -21,7 +21,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -54,7 +54,7 @@ def build_logger(cfg: DictConfig):
     node = cfg.get("logger")
     if not node or "_target_" not in node:
         return None
-    if node._target_.endswith("WandbLogger"):
+    if issubclass(get_class(node._target_), WandbLogger):  # Lightning's, or a subclass (the app's)
         # a sweep's runs read "attnreg.method=pixel" in the W&B table, side by side in the sweep's group
         hydra_cfg = HydraConfig.get()
         name = node.get("name") or run_name(hydra_cfg) or None
