@@ -75,6 +75,16 @@ class _Job:
     usable: Tensor | None = None  # [B] bool: pixels finite and not constant (the images' fault if not)
 
 
+@dataclass
+class _Recorded:
+    """What an explained batch's statistics left for the rest of its record: the valid images' scores (by key,
+    ``[V]``), their rows in the batch and their per-image rows of :attr:`image_stats` (which faithfulness fills in)."""
+
+    scores: dict[str, Tensor]
+    valid_rows: Tensor
+    rows: list[dict[str, Any]]
+
+
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 """Strategies that shard the parameters and gather them per forward: refused (``setup``)."""
 
@@ -247,6 +257,7 @@ class AttentionRegularizationCallback(Callback):
         self._classify: Callable[[Tensor], Tensor] | None = None  # images -> logits, for faithfulness
         self._prediction_source: str | None = None  # whose logits _classify gives: "vit" or "module"
         self._root_device: torch.device | None = None  # where the trainer runs the model
+        self._stage_name = "validate"  # the explained run's (epoch3, validate), named in the pictures
         self.num_heads: int | None = None
         self.probes = ProbeBook(self.config.probe_ids)
         self.pictures = PictureBook(self.probes, self.config.maps, self.config.log_images)
@@ -413,6 +424,7 @@ class AttentionRegularizationCallback(Callback):
             single = not isinstance(dataloaders, (list, tuple))
             self._padding = sampler_padding(dataloaders if single else dataloaders[cfg.dataloader_idx])
         self._picker.start_run()
+        self._stage_name = _stage(trainer)
         self.image_stats = []
         self.pictures.start_run()
         # background statistics land on the CPU: the metrics gather them there, and move to the device to sync
@@ -471,7 +483,10 @@ class AttentionRegularizationCallback(Callback):
             if self._background:
                 self._submit(trainer, job)
             else:
-                self._record(trainer, job, self.engine(images, sample_ids=ids))
+                reg = self.engine(images, sample_ids=ids)
+                recorded = self._record(trainer, job, reg)
+                if recorded is not None:
+                    self._record_rest(job, reg, recorded)
         except Exception as err:
             self._failed(err, job)
         self._collect(wait=False)
@@ -496,35 +511,50 @@ class AttentionRegularizationCallback(Callback):
         return _Job(batch_idx, ids, images, masks, noise, shortcut, shown, usable=usable_images(images))
 
     def _submit(self, trainer: L.Trainer, job: _Job) -> None:
-        """The forwards now; the statistics and everything after them (metrics, probes, pictures) in the engine's
-        thread, in the order submitted, so the run's values are those of the inline path. The images go along only
-        while a picture may still be drawn of them."""
+        """The forwards now; the statistics, metrics and probes' records in the engine's thread, in the order
+        submitted; the faithfulness forwards and the drawing once the training thread collects the job, so the
+        statistics thread never runs the model (a module's modes flipped from two threads could be left wrong, and
+        two threads' forwards would hold twice the memory) and the run's values are those of the inline path. The
+        images go along only while a picture may still be drawn of them."""
         drawn = job.shown is not None and len(self.pictures.rows) < self.pictures.limit
         carry = (job.masks, job.noise_masks, job.shortcut_masks, job.shown if drawn else None, job.usable)
 
         def record(reg: RegularizedAttention, masks: Tensor | None, noise: Tensor | None, shortcut: Tensor | None,
-                   shown: Tensor | None, usable: Tensor | None):  # fmt: skip
+                   shown: Tensor | None, usable: Tensor | None) -> tuple[_Job, RegularizedAttention, Any]:  # fmt: skip
             copied = dataclasses.replace(
                 job, masks=masks, noise_masks=noise, shortcut_masks=shortcut, shown=shown, usable=usable
             )
-            self._record(trainer, copied, reg)
+            return copied, reg, self._record(trainer, copied, reg)
 
         self._pending.append((self.engine.submit(job.images, job.ids, then=record, carry=carry), job))
 
     def _collect(self, wait: bool) -> None:
-        """Take the background jobs and drawings that are done (all of them with ``wait``), in the order submitted."""
-        for queue in (self._pending, self._drawing):
-            while queue and (wait or queue[0][0].done()):
-                future, job = queue.popleft()
-                try:  # the statistics thread's exception is raised here, in the training process
-                    future.result()
-                except Exception as err:
-                    if queue is self._pending:
-                        self._failed(err, job)
-                    elif self.config.on_error == "raise":
-                        self._error = self._error or err
-                    else:  # the images are explained and counted: only their pictures are missing
-                        rank_zero_warn(f"{self.prefix}: could not draw validation batch {job.batch_idx}: {err}")
+        """Take the background jobs and drawings that are done (all of them with ``wait``), in the order submitted: a
+        job's faithfulness forwards run here, on the training thread, and its drawing is handed back to the engine's
+        thread."""
+        while self._pending and (wait or self._pending[0][0].done()):
+            future, job = self._pending.popleft()
+            try:  # the statistics thread's exception is raised here, in the training process
+                copied, reg, recorded = future.result()
+            except Exception as err:
+                self._failed(err, job)
+                continue
+            if recorded is not None:
+                # the job's own images are on the device; the carried copies (masks, pictures) on the host
+                on_device = dataclasses.replace(copied, images=job.images)
+                try:
+                    self._record_rest(on_device, reg, recorded)
+                except Exception as err:  # raised by on_error="raise": held to the run's end, as every failure
+                    self._error = self._error or err
+        while self._drawing and (wait or self._drawing[0][0].done()):
+            future, job = self._drawing.popleft()
+            try:
+                future.result()
+            except Exception as err:
+                if self.config.on_error == "raise":
+                    self._error = self._error or err
+                else:  # the images are explained and counted: only their pictures are missing
+                    rank_zero_warn(f"{self.prefix}: could not draw validation batch {job.batch_idx}: {err}")
 
     def _failed(self, err: Exception, job: _Job) -> None:
         """A batch that could not be explained: raised at the run's end (the first one), or warned and counted."""
@@ -566,9 +596,10 @@ class AttentionRegularizationCallback(Callback):
         if strategy is not None:  # a rank failed, and the strategy's processes gather no objects (no process group)
             raise RuntimeError(f"{self.prefix}: another rank failed, so every rank stops here (its error is there)")
 
-    def _record(self, trainer: L.Trainer, job: _Job, reg: RegularizedAttention) -> None:
-        """Metrics, probes and pictures of one explained batch (in the statistics thread, with background
-        statistics: nothing else touches them until the run's jobs are done)."""
+    def _record(self, trainer: L.Trainer, job: _Job, reg: RegularizedAttention) -> _Recorded | None:
+        """What an explained batch's record needs no forward for: metrics, the probes' records, the per-image rows (in
+        the statistics thread with background statistics: nothing else touches them until the run's jobs are done);
+        None when no image of the batch was valid. :meth:`_record_rest` follows, on the training thread."""
         valid = reg.significance.valid
         bad = int((~valid).sum())
         if bad and self.config.on_error == "raise":
@@ -581,22 +612,31 @@ class AttentionRegularizationCallback(Callback):
             raise ValueError(f"{self.prefix}: {'; '.join(said)} in batch {job.batch_idx}")
         scores = self.run_metrics.update(reg, job.masks, job.noise_masks, job.shortcut_masks, job.usable)
         if scores is None:
-            return
+            return None
         valid_rows = valid.nonzero().flatten()
-        if self._classify is not None and reg.grid is not None:
-            faithful = self._unless_it_fails("score the faithfulness of", job, self._faithfulness, job, reg, valid_rows)
-            scores.update(faithful)
         self.run_metrics.update_stability(self.probes.follow(reg, job.ids))
         valid_ids = [job.ids[i] for i in valid_rows.tolist()]
-        self.image_stats += image_rows(scores, valid_ids)
+        rows = image_rows(scores, valid_ids)
+        self.image_stats += rows
         if self.config.sanity_check:
             self._keep_for_sanity(job, valid_rows.tolist(), valid_ids)
-        if trainer.is_global_zero:
-            drawn = (job.shown, reg, job.ids, scores, _stage(trainer), self.num_heads)
-            if self._background:  # already in the statistics thread
-                self._unless_it_fails("draw", job, self.pictures.add, *drawn)
-            elif job.shown is not None and len(self.pictures.rows) < self.pictures.limit:
-                # drawing leaves the training thread all the same: the run's end waits for it
+        return _Recorded(scores, valid_rows, rows)
+
+    def _record_rest(self, job: _Job, reg: RegularizedAttention, recorded: _Recorded) -> None:
+        """The faithfulness forwards (on the training thread, the images on the model's device) and the pictures."""
+        scores = recorded.scores
+        if self._classify is not None and reg.grid is not None:
+            faithful = self._unless_it_fails(
+                "score the faithfulness of", job, self._faithfulness, job, reg, recorded.valid_rows
+            )
+            scores.update(faithful)
+            listed = {k: v.tolist() for k, v in faithful.items()}
+            for j, row in enumerate(recorded.rows):
+                row.update({k: v[j] for k, v in listed.items()})
+        if self._rank == 0:
+            drawn = (job.shown, reg, job.ids, scores, self._stage_name, self.num_heads)
+            if job.shown is not None and len(self.pictures.rows) < self.pictures.limit:
+                # drawing leaves the training thread: the run's end waits for it
                 self._drawing.append((self.engine.later(job.images.device, self.pictures.add, *drawn), job))
             else:
                 self.pictures.add(None, *drawn[1:])  # the z-scores still go into the run's histograms

@@ -60,7 +60,7 @@ class Recording(AttentionRegularizationCallback):
     def _record(self, trainer, job, reg):
         self.record["ids"] += list(job.ids)
         self.record["first_nulls"] += reg.significance.z_null[:, 0].tolist()
-        super()._record(trainer, job, reg)
+        return super()._record(trainer, job, reg)
 
 
 def main(argv: list[str] | None = None) -> None:

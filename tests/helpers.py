@@ -67,7 +67,7 @@ class RecordingCallback(AttentionRegularizationCallback):
 
     def _record(self, trainer, job, reg):
         self.seen.setdefault(trainer.current_epoch, []).append((list(job.ids), reg))
-        super()._record(trainer, job, reg)
+        return super()._record(trainer, job, reg)
 
     def ids(self, epoch: int) -> list[int]:
         """The sample ids explained at ``epoch``, in the order they were explained."""

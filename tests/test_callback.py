@@ -607,7 +607,7 @@ def test_background_statistics_leave_metrics_probes_and_pictures_to_the_statisti
     class Watched(AttentionRegularizationCallback):
         def _record(self, trainer, job, reg):
             where["record"].add(threading.current_thread().name)
-            super()._record(trainer, job, reg)
+            return super()._record(trainer, job, reg)
 
         def on_validation_batch_end(self, *args, **kwargs):
             where["batch hook"].add(threading.current_thread().name)
@@ -620,6 +620,57 @@ def test_background_statistics_leave_metrics_probes_and_pictures_to_the_statisti
     assert where["record"] and where["draw"]
     assert all(name.startswith("attnreg-statistics") for name in where["record"] | where["draw"]), where
     assert training not in where["record"] | where["draw"]
+
+
+class MCDropout(L.LightningModule):
+    """A module that keeps one dropout in train mode during validation on purpose (Monte Carlo dropout), checking at
+    every step that it still is: a forward in another thread that puts the model in eval mode and restores the modes
+    it saw could leave the dropout in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = perturb(tiny_module().vit)
+        self.dropout = self.vit.blocks[0].attn.attn_drop
+        self.dropout.p = 0.1
+        self.modes: list[bool] = []
+
+    def forward(self, images):
+        return self.vit(images)
+
+    def validation_step(self, batch, batch_idx):
+        self.modes.append(self.dropout.training)
+        self.dropout.train()
+
+
+def test_the_statistics_thread_never_runs_the_model(tmp_path):
+    """Faithfulness forwards (kept and curves, with the fixed-k baseline) run on the training thread as the engine's
+    do, whatever the statistics mode: never in the statistics thread, and never two forwards at once (no twice the
+    memory of max_images_per_forward)."""
+    module = MCDropout()
+    threads: list[str] = []
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def enter(_, args):
+        with lock:
+            threads.append(threading.current_thread().name)
+            inside[0] += len(args[0])
+            most[0] = max(most[0], inside[0])
+
+    def leave(_, args, out):
+        with lock:
+            inside[0] -= len(args[0])
+
+    module.vit.patch_embed.register_forward_pre_hook(enter)
+    module.vit.patch_embed.register_forward_hook(leave)
+    cb = AttentionRegularizationCallback(
+        n_bootstrap=2, num_images=8, log_images=2, statistics="background", faithfulness="curves",
+        max_images_per_forward=6, sanity_check=False,
+    )  # fmt: skip
+    (logged,) = _trainer(tmp_path, [cb]).validate(module, tiny_data(val_size=8, batch_size=4))
+    assert logged["attnreg/explained"] == 8 and "attnreg/raw/deletion_auc" in logged
+    assert threads and not [t for t in threads if t.startswith("attnreg-statistics")], set(threads)
+    assert most[0] <= 6
+    assert module.modes[1:] == [True] * (len(module.modes) - 1)  # the dropout kept as the module left it
 
 
 @pytest.mark.parametrize("on_error", ["warn", "raise"])

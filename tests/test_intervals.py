@@ -238,7 +238,7 @@ class _Recording(AttentionRegularizationCallback):
 
     def _record(self, trainer, job, reg):
         self.seen.setdefault(trainer.current_epoch, []).append((job.masks, job.noise_masks, reg))
-        super()._record(trainer, job, reg)
+        return super()._record(trainer, job, reg)
 
 
 @pytest.fixture(scope="module")
