@@ -790,6 +790,7 @@ class AttentionRegularizationCallback(Callback):
                 f"{self.prefix}: the local-FDR density fit diverged for {fit_failed} image(s); their lfdr is 1 "
                 "(no lfdr discoveries), counted in lfdr_fit_failed"
             )
+        rank_zero_info(self._run_line(results))
         self.probes.end_run()  # a collective: every rank, every explained run
         error = None
         try:  # rank 0 alone logs: a failure there must not leave the other ranks in the training's next collective
@@ -797,6 +798,20 @@ class AttentionRegularizationCallback(Callback):
         except Exception as err:
             error = err
         self._raise_if_a_rank_failed(trainer.strategy, error)
+
+    def _run_line(self, results: dict[str, Tensor]) -> str:
+        """One line for the run's log (a log file too, whether or not anyone watches the console): what was
+        explained and the headline keys this run computed."""
+        said = [f"{int(results['explained'])} explained"]
+        skipped = sum(int(results[k]) for k in ("skipped_degenerate", "skipped_nonfinite_attention", "skipped_error"))
+        if skipped:
+            said.append(f"{skipped} skipped")
+        for key in ("lfdr/sparsity", "lfdr/roi_mass", "lfdr/comprehensiveness", "fixed_k_top@lfdr/comprehensiveness",
+                    "same_k_random@lfdr/comprehensiveness", "shortcut/reliance", "stability/lfdr_iou"):  # fmt: skip
+            value = results.get(key)
+            if value is not None and bool(torch.isfinite(value)):
+                said.append(f"{key} {float(value):.3f}")
+        return f"{self.prefix}: {self._stage_name}: " + ", ".join(said)
 
     def _log_pictures(self, trainer: L.Trainer) -> None:
         pictured = self.pictures.end_run()  # rank 0 only draws

@@ -830,3 +830,22 @@ def test_a_degenerate_probe_is_counted_at_every_run_not_only_the_first(tmp_path,
         assert (run["attnreg/explained"], run["attnreg/skipped_degenerate"]) == (10, 2), run["stage"]
     assert (cb.explained_total, cb.skipped_total) == (30, 6)
     assert cb.probes.picked == set(range(12)) and sorted(cb.probes.records) == sorted(set(range(12)) - {3, 10})
+
+
+def test_each_explained_run_says_one_line_in_the_log(tmp_path):
+    """The line reaches Lightning's logger (the app's train.log, whether or not a console is watched)."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, sanity_check=False)
+        _trainer(tmp_path, [cb], False).validate(perturb(tiny_module()), tiny_data(val_size=8, batch_size=4))
+    finally:
+        logger.removeHandler(handler)
+    said = [line for line in lines if line.startswith("attnreg: ")]
+    assert len(said) == 1 and said[0].startswith("attnreg: validate: 8 explained, lfdr/sparsity ")
+    assert "lfdr/comprehensiveness" in said[0] and "nan" not in said[0]
