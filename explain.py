@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.config import register_configs
 from attnreg_lightning.data.folder import ImageFiles
+from attnreg_lightning.loggers import route_lightning_logs
 from attnreg_lightning.models import HFViTClassifier, ImageClassifier, ViTClassifier
 from attnreg_lightning.sanity import describe as describe_sanity
 
@@ -144,6 +145,7 @@ def explain(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
+    route_lightning_logs()
     explain(cfg)
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attnreg_lightning import AttentionRegularizationCallback, AttnRegConfig
 from attnreg_lightning.config import register_configs
-from attnreg_lightning.loggers import log_report
+from attnreg_lightning.loggers import EpochLine, log_report, route_lightning_logs
 
 register_configs()
 
@@ -143,6 +143,7 @@ def build_callbacks(cfg: DictConfig, attnreg: AttnRegConfig, logger) -> list[Cal
         )
     callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values() if node]
     callbacks.append(AttentionRegularizationCallback(attnreg))
+    callbacks.append(EpochLine())
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks
@@ -196,6 +197,7 @@ def print_summary(metrics: dict[str, float], output_dir: Path, logger, best: str
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    route_lightning_logs()
     return train(cfg)
 
 

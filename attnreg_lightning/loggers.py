@@ -6,12 +6,17 @@ does not (images, per-image tables, histograms). Called on rank 0 only.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
+import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -21,6 +26,48 @@ from attnreg_lightning.viz import MASK_CLASSES
 # under the callback's prefix
 IMAGE_KEY, TABLE_KEY, HIST_KEYS = "maps", "images", ("z_observed", "z_null")
 MASK_KEY, EVOLUTION_KEY = "significance", "evolution"
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's log records (its notes, the callback's line per explained run) to the root logger's handlers,
+    which an app configures (Hydra: the console and the run's ``<task>.log``): Lightning gives its logger a console
+    handler of its own and stops its records there when imported before the app configures logging, which left the
+    log file empty."""
+    logger = logging.getLogger("lightning.pytorch")
+    if logging.getLogger().handlers:
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
+class EpochLine(Callback):
+    """One log line per validated epoch of a fit (rank 0): the epoch, the validation's ``val/*`` values and the time
+    since the fit started, so a log file follows a run whether or not a console shows its progress bar.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[EpochLine()])
+    """
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        values = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "train/")) and not k.endswith("_step")
+        }
+        said = ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
+        stage = f"epoch {trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+        logging.getLogger("lightning.pytorch").info(
+            f"{stage}: {said or 'no values'} ({time.monotonic() - self._start:.0f} s)"
+        )
 
 
 class WandbAppLogger(WandbLogger):
@@ -76,7 +123,8 @@ def log_evolution(loggers: list[Logger], pictures: list[tuple[np.ndarray, str]],
         if isinstance(logger, WandbLogger):
             import wandb
 
-            images = [wandb.Image(image, caption=caption) for image, caption in pictures]
+            padded = one_size([image for image, _ in pictures])
+            images = [wandb.Image(image, caption=caption) for image, (_, caption) in zip(padded, pictures, strict=True)]
             logger.log_metrics({f"{prefix}/{EVOLUTION_KEY}": images}, step=step)
         elif isinstance(logger, TensorBoardLogger):
             for i, (image, _) in enumerate(pictures):
@@ -107,7 +155,12 @@ def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix
     table = wandb.Table(columns=columns, data=[[stage, *r.stats.values()] for r in rows])
     # a W&B run that links media to their files instead of copying them would link to files deleted once logged
     files = any(r.files for r in rows) and not getattr(logger.experiment.settings, "allow_media_symlink", False)
-    images = [wandb.Image(_file_or_array(r, "image", files), caption=r.caption) for r in rows]
+    if len({r.image.shape for r in rows}) > 1:  # W&B shows a list of images of one size (and warns of others)
+        images = [
+            wandb.Image(a, caption=r.caption) for a, r in zip(one_size([r.image for r in rows]), rows, strict=True)
+        ]
+    else:
+        images = [wandb.Image(_file_or_array(r, "image", files), caption=r.caption) for r in rows]
     # the thresholded maps as toggleable overlays on the input (W&B's mask viewer); continuous maps above. The mask
     # goes as an array: given as a file, W&B would drop its class labels
     overlays = [
@@ -130,6 +183,17 @@ def _to_wandb(logger: WandbLogger, rows, z_observed, z_null, step, stage, prefix
         },
         step=step,
     )
+
+
+def one_size(images: list[np.ndarray]) -> list[np.ndarray]:
+    """``uint8 [H, W, 3]`` pictures padded with white, at the bottom and right, to the largest height and width: the
+    panels' widths follow their colour bars' labels, so two pictures of a run can differ by a few pixels."""
+    height, width = max(a.shape[0] for a in images), max(a.shape[1] for a in images)
+    out = []
+    for a in images:
+        pad = ((0, height - a.shape[0]), (0, width - a.shape[1]), (0, 0))
+        out.append(np.pad(a, pad, constant_values=255) if any(p[1] for p in pad) else a)
+    return out
 
 
 def _file_or_array(row: PictureRow, name: str, files: bool) -> str | np.ndarray:

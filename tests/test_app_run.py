@@ -69,6 +69,19 @@ def test_train_writes_metrics_and_says_where_wandb_went(trained):
     assert "wandb: WARNING" not in proc.stderr, proc.stderr
 
 
+def test_the_log_file_follows_the_run_without_a_console(trained):
+    """stdout and stderr were pipes: train.log still has a line per epoch and per explained run (Lightning's notes
+    reach it too)."""
+    run, _ = trained
+    log = (run / "train.log").read_text()
+    assert len(re.findall(r"\] - epoch 0: .*val/acc [0-9.]+.* \(\d+ s\)$", log, re.M)) == 1, log
+    assert len(re.findall(r"\] - attnreg: epoch0: 8 explained, lfdr/sparsity ", log)) == 1, log
+    assert len(re.findall(r"\] - attnreg: validate: 8 explained", log)) == 1, log
+    assert "] - validate: " in log and "attnreg: report written to" in log
+    # nothing our own pictures cause: W&B warned (in the log) of a run's pictures of different sizes
+    assert "][WARNING] - " not in log, log
+
+
 def test_the_report_ends_with_the_validate_best_run_and_reads_right_in_a_browser(trained, tmp_path):
     """The report the app leaves (beside the checkpoints, and in the W&B run) is written after its last validation,
     the validate-best pass whose values metrics.json holds; as Chromium lays it out: one row per headline metric some

@@ -83,4 +83,3 @@ def test_auto_keeps_a_cpu_without_native_bf16_in_float32(monkeypatch, native):
     assert config.autocast("bf16-mixed", "cuda:0") == torch.bfloat16
     assert config.autocast("16-mixed", "cpu") == torch.float16
     assert AttnRegConfig(autocast_dtype="bfloat16").autocast("bf16-mixed", "cpu") == torch.bfloat16
-

@@ -158,3 +158,27 @@ def test_the_apps_wandb_run_and_its_report_warn_of_nothing(tmp_path, monkeypatch
     assert not re.search(r"(Symlinked|Linked|Copied) \d+ files?", capfd.readouterr().err)
     saved = _run_file(tmp_path).parent / "files" / "attnreg_report.html"
     assert not saved.is_symlink() and saved.read_text() == "<p>validate-best</p>"
+
+
+def test_a_runs_pictures_of_different_sizes_reach_wandb_at_one_size_without_its_warning(tmp_path, monkeypatch, caplog):
+    """The panels' widths follow their colour bars' labels, so a run's rows can differ by a few pixels; W&B shows a
+    list of one size and warns of others ("Images sizes do not match"): they go padded with white."""
+    from attnreg_lightning.loggers import log_evolution, log_pictures
+    from attnreg_lightning.pictures import PictureRow
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="attnreg-test", save_dir=str(tmp_path), offline=True)
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((20, 60, 3), (22, 57, 3))]
+    rows = [PictureRow(p, f"id {i}", {"id": i}) for i, p in enumerate(pictures)]
+    with caplog.at_level("WARNING"):
+        log_pictures([logger], rows, torch.zeros(3), torch.zeros(6), 1, "epoch0")
+        log_evolution([logger], [(p, f"id {i}") for i, p in enumerate(pictures)], 2, "attnreg")
+    wandb.finish()
+    assert not [r for r in caplog.records if "sizes do not match" in r.getMessage()]
+    files = _run_file(tmp_path).parent / "files"
+    for key in ("attnreg/maps", "attnreg/evolution"):
+        (logged,) = [r for r in history_rows(_run_file(tmp_path)) if f"{key}/_type" in r]
+        shown = [np.asarray(Image.open(files / name)) for name in logged[f"{key}/filenames"]]
+        assert [a.shape for a in shown] == [(22, 60, 3)] * 2
+        assert np.array_equal(shown[1][:, :57], pictures[1]) and (shown[1][:, 57:] == 255).all()
