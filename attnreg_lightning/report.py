@@ -67,7 +67,10 @@ def _png(image: np.ndarray | Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-COUNTS = ("explained", "lfdr_fit_failed", "skipped_degenerate", "skipped_error", "clamped_tokens", "_undefined")
+COUNTS = (
+    "explained", "lfdr_fit_failed", "skipped_degenerate", "skipped_nonfinite_attention", "skipped_error", "clamped_tokens",
+    "_undefined",
+)  # fmt: skip
 NO_INTERVAL_SPAN = 0.05
 """Without an interval, a plot's y axis spans at least this share of the metric's natural range."""
 INTERVAL_SPAN = 0.01
