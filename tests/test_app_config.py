@@ -173,18 +173,20 @@ def test_callbacks_group_builds_its_callbacks_by_name_and_trainer_callbacks_is_r
 
     import train
     from attnreg_lightning import AttentionRegularizationCallback
+    from attnreg_lightning.loggers import EpochLine
 
     cfg = _compose("callbacks=early_stopping", f"paths.output_dir={tmp_path}", "checkpoint.monitor=val/acc",
                    "checkpoint.mode=max")  # fmt: skip
     attnreg = AttnRegConfig(**OmegaConf.to_container(cfg.attnreg, resolve=True))
     built = train.build_callbacks(cfg, attnreg, logger=None)
     kinds = [type(c) for c in built]
-    assert kinds == [ModelCheckpoint, EarlyStopping, AttentionRegularizationCallback]
+    assert kinds == [ModelCheckpoint, EarlyStopping, AttentionRegularizationCallback, EpochLine]
     checkpoint, stopping = built[0], built[1]
     assert checkpoint.dirpath == str(tmp_path / "checkpoints") and checkpoint.save_last
     assert (checkpoint.monitor, checkpoint.mode, stopping.monitor, stopping.mode) == ("val/acc", "max") * 2
     dropped = _compose("callbacks.model_checkpoint=null", f"paths.output_dir={tmp_path}")
-    assert [type(c) for c in train.build_callbacks(dropped, attnreg, None)] == [AttentionRegularizationCallback]
+    kinds = [type(c) for c in train.build_callbacks(dropped, attnreg, None)]
+    assert kinds == [AttentionRegularizationCallback, EpochLine]
     # Lightning's own key would be silently replaced by the app's callbacks: refused, naming the way
     sneaky = _compose("+trainer.callbacks=[{_target_: lightning.pytorch.callbacks.EarlyStopping, monitor: val/loss}]")
     with pytest.raises(ValueError, match=r"trainer\.callbacks is not read.*callbacks=early_stopping"):
