@@ -68,8 +68,8 @@ def _png(image: np.ndarray | Figure) -> str:
 
 
 COUNTS = (
-    "explained", "lfdr_fit_failed", "skipped_degenerate", "skipped_nonfinite_attention", "skipped_error", "clamped_tokens",
-    "_undefined",
+    "explained", "lfdr_fit_failed", "skipped_degenerate", "skipped_nonfinite_attention", "skipped_error",
+    "clamped_tokens", "_undefined",
 )  # fmt: skip
 NO_INTERVAL_SPAN = 0.05
 """Without an interval, a plot's y axis spans at least this share of the metric's natural range."""

@@ -214,8 +214,11 @@ def test_the_compiled_model_read_leaves_the_kernel_and_the_compiled_forward_alon
 def test_models_that_cannot_be_read_are_refused_with_the_reason(key):
     build, message = REFUSED[key]
     model = build()
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(TypeError, match=message) as refused:
         AttentionRegularizer(model)
+    # and what to do instead
+    ways_out = ("; use ", "; create ", "register_attention_reader", "use attn_layer", "; explain ", "use a DPT")
+    assert any(way in str(refused.value) for way in ways_out), str(refused.value)
 
 
 def test_the_callback_explains_a_lightning_module_holding_a_lora_model(tmp_path):

@@ -80,7 +80,10 @@ def _sdpa_cls_logits(args: tuple, kwargs: dict) -> Tensor:
     bound = {**dict(zip(_SDPA_ARGS, args, strict=False)), **kwargs}
     q, k, mask = bound["query"], bound["key"], bound.get("attn_mask")
     if bound.get("is_causal"):
-        raise TypeError("the last attention is causal: its CLS query sees no patch token")
+        raise TypeError(
+            "the last attention is causal: its CLS query sees no patch token; explain a model whose last attention is "
+            "bidirectional (is_causal=False)"
+        )
     scale = bound.get("scale")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):

@@ -92,10 +92,15 @@ def _check(model: nn.Module) -> None:
     if hasattr(embeddings, "random_masking"):
         raise TypeError(
             f"{name} shuffles and drops patch tokens in its embeddings (random masking, as ViTMAE): its attention "
-            "can't be mapped back to image positions"
+            "can't be mapped back to image positions; explain a ViT built from its encoder's weights (ViTModel) "
+            "instead"
         )
     if not any(getattr(embeddings, a, None) is not None for a in ("cls_token", "class_embedding")):
-        raise TypeError(f"{name} has no class token (embeddings.cls_token): there is no CLS query to read")
+        raise TypeError(
+            f"{name} has no class token (embeddings.cls_token): there is no CLS query to read; use a model with a "
+            "class token (ViT, DeiT, DINOv2, ...) or teach the engine the attention you want read with "
+            "attnreg_lightning.register_attention_reader"
+        )
     if config.model_type not in MODEL_TYPES:
         raise TypeError(
             f"{name} (model_type={config.model_type!r}) is not among the Hugging Face vision models whose attention "
@@ -108,7 +113,10 @@ def _check(model: nn.Module) -> None:
             "patch grid, and that layout is not read; use a DPT without is_hybrid"
         )
     if _last_attention(base) is None:
-        raise TypeError(f"{name}: its last layer has no attention module (attention / self_attn)")
+        raise TypeError(
+            f"{name}: its last layer has no attention module (attention / self_attn); teach the engine where it is "
+            "with attnreg_lightning.register_attention_reader"
+        )
 
 
 def size_kwargs(model: nn.Module, images: Tensor) -> dict:

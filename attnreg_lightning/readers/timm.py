@@ -62,7 +62,11 @@ def _check(vit: nn.Module) -> None:
 
     name = type(vit).__name__
     if getattr(vit, "cls_token", None) is None:
-        raise TypeError(f"{name} has no class token (class_token=False): there is no CLS query to read attention from")
+        raise TypeError(
+            f"{name} has no class token (class_token=False): there is no CLS query to read attention from; create "
+            "it with class_token=True (global_pool='token'), use a model with a class token, or teach the engine the "
+            "attention you want read with attnreg_lightning.register_attention_reader"
+        )
     attn = last_attention(vit)
     if isinstance(attn, DiffAttention):
         raise TypeError(
