@@ -174,7 +174,8 @@ class AttentionRegularizationCallback(Callback):
         dataloader_idx: the validation loader explained (one callback, with its own ``name``, per loader).
         maps: the maps whose metrics and pictures are logged (``p``, ``lfdr``, ``pi0``, ``posterior``, ``zreg``,
             ``q``).
-        max_images_per_forward: most images in one forward (memory does not grow with ``N``).
+        max_images_per_forward: most images in one forward (memory does not grow with ``N``); None: 32 on a CPU,
+            256 on other devices.
         autocast_dtype: the forwards' autocast: ``"auto"`` (the trainer's precision; float32 on a CPU that would
             emulate bfloat16), None (float32), ``"bfloat16"`` or ``"float16"``.
         seed: seed of the callback's own generators (the global RNG is never touched).
@@ -219,7 +220,7 @@ class AttentionRegularizationCallback(Callback):
         every_n_epochs: int = 1,
         dataloader_idx: int = 0,
         maps: Sequence[str] = ("p", "lfdr", "pi0", "posterior"),
-        max_images_per_forward: int = 256,
+        max_images_per_forward: int | None = None,
         autocast_dtype: str | torch.dtype | None = "auto",
         seed: int = 0,
         log_images: int = 4,

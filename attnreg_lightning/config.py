@@ -87,7 +87,7 @@ class AttnRegConfig:
     every_n_epochs: int = 1
     dataloader_idx: int = 0
     maps: list[str] = field(default_factory=lambda: ["p", "lfdr", "pi0", "posterior"])
-    max_images_per_forward: int = 256
+    max_images_per_forward: Optional[int] = None  # noqa: UP045
     autocast_dtype: Optional[str] = "auto"  # noqa: UP045
     seed: int = 0
     log_images: int = 4
@@ -137,10 +137,11 @@ class AttnRegConfig:
         unknown = [m for m in self.maps if m not in MAP_NAMES]
         _require(not unknown, "maps", list(self.maps), f"unknown {unknown}; choose from {list(MAP_NAMES)}")
         _require(
-            _is_int(self.max_images_per_forward) and self.max_images_per_forward >= 1,
+            self.max_images_per_forward is None
+            or (_is_int(self.max_images_per_forward) and self.max_images_per_forward >= 1),
             "max_images_per_forward",
             self.max_images_per_forward,
-            "need an int >= 1",
+            "need null (32 on a CPU, 256 elsewhere) or an int >= 1",
         )
         _require(
             self.autocast_dtype in (None, "auto", *AUTOCAST_DTYPES),

@@ -91,6 +91,19 @@ def resolve_autocast_dtype(
     )
 
 
+CPU_IMAGES_PER_FORWARD = 32
+DEVICE_IMAGES_PER_FORWARD = 256
+"""``max_images_per_forward=None``: forwards of 32 images on a CPU (the engine ran 27% faster there than at 256 on
+the dev CPU, faithfulness curves 20%: docs/performance.md), 256 on a GPU or other device."""
+
+
+def images_per_forward(value: int | None, device: torch.device | str) -> int:
+    """The most images in one forward on ``device``: ``value``, or the device's default when it is None."""
+    if value is not None:
+        return value
+    return CPU_IMAGES_PER_FORWARD if torch.device(device).type == "cpu" else DEVICE_IMAGES_PER_FORWARD
+
+
 def sample_seed(seed: int, sample_id: int) -> int:
     """The generator seed of one image: a function of the run seed and the sample id only."""
     return (int(seed) * _SEED_MIX + int(sample_id) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
@@ -150,7 +163,8 @@ class AttentionRegularizer:
         method: null-image generator name (``normal``, ``uniform``, ``pixel``, ``patch``).
         n_bootstrap: null images per image (``N >= 1``).
         thresholds: rule thresholds (reference defaults).
-        max_images_per_forward: most images in one forward pass (observed and null images together).
+        max_images_per_forward: most images in one forward pass (observed and null images together); None: 32 on a
+            CPU, 256 on other devices (:func:`images_per_forward`).
         autocast_dtype: run forwards under ``torch.autocast`` with this dtype: ``"bfloat16"`` / ``"float16"`` or
             those torch dtypes; None or ``"auto"`` (without a trainer) add no autocast (see
             :func:`resolve_autocast_dtype`).
@@ -171,7 +185,7 @@ class AttentionRegularizer:
         method: str = "normal",
         n_bootstrap: int = 10,
         thresholds: Thresholds | None = None,
-        max_images_per_forward: int = 256,
+        max_images_per_forward: int | None = None,
         autocast_dtype: str | torch.dtype | None = None,
         seed: int = 0,
         pi0: str | float = "estimate",
@@ -184,7 +198,8 @@ class AttentionRegularizer:
             raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
         get_null_generator(method)
         require_positive_int(n_bootstrap, "n_bootstrap")
-        require_positive_int(max_images_per_forward, "max_images_per_forward")
+        if max_images_per_forward is not None:
+            require_positive_int(max_images_per_forward, "max_images_per_forward")
         autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         vit = resolve_vit(model)
         check_model(vit)
@@ -225,6 +240,10 @@ class AttentionRegularizer:
             raise ValueError(f"sample_ids: got {len(ids)} ids for {images.shape[0]} images")
         return [torch.Generator(device=images.device).manual_seed(sample_seed(self.seed, i)) for i in ids]
 
+    def per_forward(self, device: torch.device | str) -> int:
+        """The most images in one of this engine's forwards on ``device`` (:func:`images_per_forward`)."""
+        return images_per_forward(self.max_images_per_forward, device)
+
     def _autocast(self, device: torch.device) -> Any:
         return torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
@@ -237,7 +256,7 @@ class AttentionRegularizer:
 
     def _attention_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
         outs, logits = [], []
-        for chunk in rechunk([images], self.max_images_per_forward):
+        for chunk in rechunk([images], self.per_forward(images.device)):
             with self._autocast(chunk.device):
                 attention, classes = cls_attention_and_logits(self.model, chunk, self.heads)
             outs.append(attention)
@@ -269,9 +288,10 @@ class AttentionRegularizer:
         with eval_mode(self.model):
             if self.classify:  # the observed images run on to the head: forwards of their own
                 obs, logits = self._attention_and_logits(safe)
-                null = self._attention(rechunk(nulls, self.max_images_per_forward))
+                null = self._attention(rechunk(nulls, self.per_forward(images.device)))
             else:  # observed images first, then their nulls, packed into full forward passes
-                attention = self._attention(rechunk(itertools.chain([safe], nulls), self.max_images_per_forward))
+                chunks = rechunk(itertools.chain([safe], nulls), self.per_forward(images.device))
+                attention = self._attention(chunks)
                 obs, null = attention[:b], attention[b:]
         keep = usable.view(-1, *([1] * (obs.dim() - 1)))
         obs = torch.where(keep, obs, torch.full_like(obs, float("nan")))

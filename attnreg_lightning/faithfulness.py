@@ -65,7 +65,7 @@ from torch.nn import functional as F
 
 from attnreg_lightning.attention import classifier, resolve_vit
 from attnreg_lightning.bootstrap import rechunk, require_positive_int
-from attnreg_lightning.engine import eval_mode
+from attnreg_lightning.engine import eval_mode, images_per_forward
 from attnreg_lightning.token_drop import check_droppable, keeping_tokens
 
 MODES = ("kept", "curves")
@@ -370,7 +370,7 @@ def _check(
     kept_maps: Sequence[str],
     steps: int,
     baseline: str,
-    max_images: int,
+    max_images: int | None,
     clean_logits: Tensor | None,
     fixed_k: Mapping[str, float] | None,
     regions: Mapping[str, Tensor] | None,
@@ -385,7 +385,8 @@ def _check(
             raise ValueError("baseline='drop' needs the model whose tokens are dropped: pass model=")
         check_droppable(model)
     require_positive_int(steps, "steps")
-    require_positive_int(max_images, "max_images_per_forward")
+    if max_images is not None:
+        require_positive_int(max_images, "max_images_per_forward")
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise ValueError("images must be a floating-point [B, C, H, W] tensor")
     b, _, height, width = images.shape
@@ -443,7 +444,7 @@ def faithfulness(
     steps: int = 8,
     baseline: str = "mean",
     seed: int = 0,
-    max_images_per_forward: int = 256,
+    max_images_per_forward: int | None = None,
     clean_logits: Tensor | None = None,
     model: nn.Module | None = None,
 ) -> FaithfulnessResult:
@@ -456,7 +457,8 @@ def faithfulness(
     ``forward`` maps images to logits (:func:`classifier_forward`); ``images [B, C, H, W]`` are the model's
     inputs, ``attention`` and ``maps`` ``[B, T]`` (moved to the images' device), ``grid`` the token grid,
     ``sample_ids`` the images' ids (they seed the random sets). ``clean_logits``: the caller's logits of
-    ``images``, saving that forward. Every forward sees at most ``max_images_per_forward`` images.
+    ``images``, saving that forward. Every forward sees at most ``max_images_per_forward`` images (None: 32 on a CPU,
+    256 on other devices).
     ``baseline="drop"`` needs ``model``: the model ``forward`` runs, whose ViT (:func:`resolve_vit`) is run on the
     kept tokens alone (``forward`` may be the ViT's own classifier or any forward that runs that ViT).
     """
@@ -466,6 +468,7 @@ def faithfulness(
         fixed_k, regions, model,
     )  # fmt: skip
     device = images.device
+    max_images_per_forward = images_per_forward(max_images_per_forward, device)
     ids = ids.to(device)
     attention = attention.to(device)
     maps = {name: m.to(device) for name, m in maps.items()}

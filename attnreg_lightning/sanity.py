@@ -151,7 +151,7 @@ def read_raw(engine: AttentionRegularizer, images: Tensor) -> Tensor:
     autocast, chunks and head mean) from the images' own forwards alone, without their nulls: one forward per image
     instead of ``N + 1``."""
     with eval_mode(engine.model):
-        attention = engine._attention(rechunk([images], engine.max_images_per_forward))
+        attention = engine._attention(rechunk([images], engine.per_forward(images.device)))
     return attention.mean(1) if attention.dim() == 3 else attention  # heads="all": the mean over heads
 
 

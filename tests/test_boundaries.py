@@ -275,6 +275,7 @@ KNOB_CASES = [
     ("maps", "lfdr", OK),
     ("maps", ["p", "fdr"], BAD),
     ("max_images_per_forward", 0, BAD),
+    ("max_images_per_forward", None, OK),
     ("max_images_per_forward", 1, OK),
     ("autocast_dtype", None, OK),
     ("autocast_dtype", "auto", OK),

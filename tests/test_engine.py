@@ -345,3 +345,18 @@ def test_classify_refuses_a_model_without_a_head(vit):
     headless = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0)
     with pytest.raises(ValueError, match="classify=True: VisionTransformer.s attention reader gives no class logits"):
         AttentionRegularizer(headless, classify=True)
+
+
+def test_forwards_are_sized_by_device_unless_told(vit):
+    """None: forwards of 32 images on a CPU (faster there than 256, docs/performance.md), 256 on other devices; a
+    number is taken as given."""
+    engine = AttentionRegularizer(vit, n_bootstrap=9)
+    assert (engine.per_forward("cpu"), engine.per_forward("cuda:0")) == (32, 256)
+    assert AttentionRegularizer(vit, max_images_per_forward=7).per_forward("cuda:0") == 7
+    sizes = []
+    handle = vit.patch_embed.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    try:
+        engine(_images(5))  # 5 images and their 45 nulls: 50 images, in forwards of 32
+    finally:
+        handle.remove()
+    assert sizes == [32, 18]

@@ -420,7 +420,7 @@ def test_chunks_give_the_same_results_and_the_forward_budget_holds(vit):
     kwargs = {"mode": "curves", "kept_maps": ("lfdr", "p"), "steps": 4, "baseline": "blur", "seed": 2}
     small, large = Recording(classifier_forward(vit)), Recording(classifier_forward(vit))
     a = faithfulness(small, images, attention, maps, GRID, IDS[:5], max_images_per_forward=3, **kwargs)
-    b = faithfulness(large, images, attention, maps, GRID, IDS[:5], **kwargs)
+    b = faithfulness(large, images, attention, maps, GRID, IDS[:5], max_images_per_forward=256, **kwargs)
     distinct = sum(
         row["forwards"] for row in _oracle(vit, images, attention, maps, IDS[:5], ("lfdr", "p"), 4, "blur", 2)
     )
@@ -436,8 +436,14 @@ def test_chunks_give_the_same_results_and_the_forward_budget_holds(vit):
     given = Recording(classifier_forward(vit))
     with torch.no_grad():
         logits = vit(images)
-    c = faithfulness(given, images, attention, maps, GRID, IDS[:5], clean_logits=logits, **kwargs)
+    c = faithfulness(
+        given, images, attention, maps, GRID, IDS[:5], clean_logits=logits, max_images_per_forward=256, **kwargs
+    )
     assert given.sizes == [distinct]
+    # by default, on a CPU: forwards of 32
+    default = Recording(classifier_forward(vit))
+    faithfulness(default, images, attention, maps, GRID, IDS[:5], **kwargs)
+    assert max(default.sizes) == 32 and sum(default.sizes) == 5 + distinct
     for key in a.scores:
         np.testing.assert_allclose(c.scores[key], b.scores[key], rtol=0, atol=1e-6, err_msg=key)
 
