@@ -125,7 +125,7 @@ def record(vit: nn.Module, images: Tensor) -> tuple[dict, Tensor | None, nn.Modu
     finally:
         for handle in handles:
             handle.remove()
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(images.device.type, enabled=False):
         bias = bias_of(attention, call["args"], call["kwargs"], outputs)
     return recorder.seen, bias, attention
 
@@ -176,14 +176,31 @@ def _cases() -> list:
     ]
 
 
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
 @pytest.mark.parametrize(("key", "path"), _cases())
 def test_the_cls_row_is_float32_under_a_bfloat16_autocast(key, path):
+    _the_cls_row_is_float32(key, path, "cpu")
+
+
+ON_CUDA = ("timm-vit", "timm-beit-rel-pos-bias", "hf-vit", "hf-beit-rel-pos-bias")
+
+
+@pytest.mark.parametrize(("key", "path"), [(k, p) for k in ON_CUDA for p in ("fused", "eager")])
+@pytest.mark.parametrize("marks", [pytest.param(None, marks=CUDA, id="cuda")])
+def test_the_cls_row_is_float32_under_a_bfloat16_autocast_on_cuda(key, path, marks):
+    _the_cls_row_is_float32(key, path, "cuda")
+
+
+def _the_cls_row_is_float32(key: str, path: str, device: str) -> None:
     row = ROWS[key]
     model = built(key) if path == "fused" else eager_twin(resolve_vit(built(key)))
+    model = copy.deepcopy(model).to(device) if device != "cpu" else model
     vit = resolve_vit(model)
-    images = torch.randn(B, 3, row.size, row.size, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(B, 3, row.size, row.size, generator=torch.Generator().manual_seed(1)).to(device)
     t = row.grid[0] * row.grid[1]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         ours = cls_attention(model, images, heads="all")
         seen, bias, attention = record(vit, images)
     assert torch._C._len_torch_function_stack() == 0
