@@ -69,7 +69,7 @@ def _png(image: np.ndarray | Figure) -> str:
 
 COUNTS = (
     "explained", "lfdr_fit_failed", "skipped_degenerate", "skipped_nonfinite_attention", "skipped_error",
-    "clamped_tokens", "_undefined",
+    "clamped_tokens", "_undefined", "_draws",
 )  # fmt: skip
 NO_INTERVAL_SPAN = 0.05
 """Without an interval, a plot's y axis spans at least this share of the metric's natural range."""
@@ -86,17 +86,22 @@ def natural_range(key: str) -> tuple[float, float] | None:
         return None
     if name.endswith("_percentile"):
         return (0.0, 100.0)
-    if name.endswith(("spearman", "comprehensiveness", "sufficiency", "srmsd")):
+    if name.endswith(("spearman", "comprehensiveness", "sufficiency", "reliance", "srmsd")):
         return (-1.0, 1.0)
     return (0.0, 1.0)  # shares, fractions, F1, IoU, Gini, pi0, AUCs of probabilities
 
 
 def interval_of(row: Mapping[str, Any], key: str) -> tuple[float, float] | None:
-    """The row's 95% interval of ``key`` (``row["intervals"]``), None where it has none (older rows, counts)."""
+    """The row's 95% interval of ``key`` (``row["intervals"]``), None where it has none (older rows, counts); kept
+    inside the metric's natural range (a t interval of a mean over few images can reach past it: pi0 [0.33, 1.02])."""
     bounds = (row.get("intervals") or {}).get(key)
     if bounds is None or not all(math.isfinite(b) for b in bounds):
         return None
-    return float(bounds[0]), float(bounds[1])
+    lo, hi = float(bounds[0]), float(bounds[1])
+    natural = natural_range(key)
+    if natural is not None:
+        lo, hi = max(lo, natural[0]), min(hi, natural[1])
+    return lo, hi
 
 
 def y_limits(key: str, values: Sequence[float], intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:

@@ -53,3 +53,14 @@ def test_each_metrics_value_names_an_earlier_run_and_captions_come_before_their_
     assert len(figures) == 3
     for i, figure in enumerate(figures):
         assert re.fullmatch(rf"\s*<figcaption>picture {i}</figcaption>\s*<img [^>]*alt='picture {i}'>\s*", figure)
+
+
+def test_intervals_stay_inside_a_metrics_natural_range():
+    """A t interval of a mean over few images can reach past what the metric can take (pi0 [0.33, 1.02]); shown, it
+    stops at the range's end. A reliance is a probability drop, negative too."""
+    from attnreg_lightning.report import interval_of, natural_range
+
+    row = {"intervals": {"attnreg/pi0": [0.33, 1.02], "attnreg/shortcut/reliance": [-0.2, 0.1]}}
+    assert interval_of(row, "attnreg/pi0") == (0.33, 1.0)
+    assert interval_of(row, "attnreg/shortcut/reliance") == (-0.2, 0.1)
+    assert natural_range("attnreg/sanity/raw_spearman_draws") == (0.0, np.inf)
