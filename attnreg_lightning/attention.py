@@ -65,7 +65,8 @@ def resolve_vit(model: nn.Module) -> nn.Module:
         return unwrap(model.attention_model())
     if find_reader(model) is not None:
         return model
-    return unwrap(held_vit(model) or model)
+    held = held_vit(model)  # not `or`: a compiled module's truth value asks for its length
+    return unwrap(held if held is not None else model)
 
 
 def patch_size(vit: nn.Module) -> tuple[int, int] | None:

@@ -34,7 +34,7 @@ from attnreg_lightning.batch import (
     take_rows,
 )
 from attnreg_lightning.config import KNOB_DEFAULTS, KNOB_NAMES, AttnRegConfig, check_knob_names
-from attnreg_lightning.engine import PRECISION_DTYPES, AttentionRegularizer, statistics_device
+from attnreg_lightning.engine import AUTOCAST_DTYPES, AttentionRegularizer, statistics_device
 from attnreg_lightning.faithfulness import (
     Prediction,
     classifier_forward,
@@ -56,7 +56,7 @@ from attnreg_lightning.run_metrics import (
     usable_images,
 )
 from attnreg_lightning.sanity import draw_keys, intervals, model_randomization, per_draw_scores, per_image, summarize
-from attnreg_lightning.token_drop import check_droppable
+from attnreg_lightning.token_drop import check_droppable, check_prediction_without_patches
 
 __all__ = ["AttentionRegularizationCallback", "BatchView", "default_batch_to_images"]
 
@@ -160,7 +160,8 @@ class AttentionRegularizationCallback(Callback):
     (ids made up by position then name other images), starts a new comparison instead (:meth:`load_state_dict`).
 
     Args:
-        config: all knobs at once (an :class:`AttnRegConfig`, as the app builds it); or give them one by one below.
+        config: all knobs at once (an :class:`AttnRegConfig`, as the app builds it); or give them one by one below
+            (with ``config`` the knobs below are not read: one set off its default is refused).
         batch_to_images: reads a batch into a :class:`BatchView` when the default reader can't.
         method: null images: ``normal``, ``uniform``, ``pixel`` (pixels resampled) or ``patch`` (tiles permuted).
         n_bootstrap: null images per explained image (``N >= 1``; ``N + 1`` forwards per image).
@@ -244,6 +245,8 @@ class AttentionRegularizationCallback(Callback):
         **unknown: Any,
     ) -> None:
         check_knob_names(unknown, type(self).__name__)
+        if isinstance(autocast_dtype, torch.dtype):  # the config holds names (Hydra's, a checkpoint's)
+            autocast_dtype = {v: k for k, v in AUTOCAST_DTYPES.items()}.get(autocast_dtype, autocast_dtype)
         given = {k: v for k, v in locals().items() if k in KNOB_NAMES}
         given = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
         if config is not None:
@@ -318,8 +321,12 @@ class AttentionRegularizationCallback(Callback):
         self._choose_prediction(pl_module, vit)
         if self._classify is not None and self.config.faithfulness_baseline == "drop":
             check_droppable(pl_module)  # refused now, with the reason, rather than at every batch
+            images = probe_images(vit, pl_module.device)
+            if self.config.faithfulness == "curves" and images is not None:
+                check_prediction_without_patches(self._classify, pl_module, images)
         self.engine = self._new_engine(pl_module)
-        bf16 = PRECISION_DTYPES.get(str(self._precision)) == torch.bfloat16
+        # (bf16-true: the weights themselves are bf16, the forwards too)
+        bf16 = str(self._precision) == "bf16-mixed"
         if bf16 and self.config.autocast_dtype == "auto" and self.engine.autocast_dtype is None:
             rank_zero_info(
                 f"{self.prefix}: precision={self._precision} on a CPU without bfloat16 in hardware (emulated there, "
@@ -545,8 +552,12 @@ class AttentionRegularizationCallback(Callback):
                 on_device = dataclasses.replace(copied, images=job.images)
                 try:
                     self._record_rest(on_device, reg, recorded)
-                except Exception as err:  # raised by on_error="raise": held to the run's end, as every failure
-                    self._error = self._error or err
+                except Exception as err:  # the images are explained and counted: only this part is missing
+                    if self.config.on_error == "raise":
+                        self._error = self._error or err  # held to the run's end, as every failure
+                    else:
+                        warnings.warn(f"{self.prefix}: could not finish the record of validation batch "
+                                      f"{job.batch_idx}{self._on_rank}: {err}", stacklevel=2)  # fmt: skip
         while self._drawing and (wait or self._drawing[0][0].done()):
             future, job = self._drawing.popleft()
             try:

@@ -154,9 +154,36 @@ def probe_images(vit: nn.Module, device: torch.device | str = "cpu", count: int 
     if size is None:
         return None
     size = (size, size) if isinstance(size, int) else tuple(size)
-    channels = getattr(getattr(embed, "proj", None), "in_channels", None) or getattr(config, "num_channels", 3)
+    # the first convolution takes the pixels (a hybrid's CNN stem comes before its projection)
+    conv = next((m for m in (embed.modules() if embed is not None else ()) if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else getattr(config, "num_channels", 3)
+    dtype = next((p.dtype for p in vit.parameters() if p.is_floating_point()), torch.float32)
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(count, channels, *size, generator=generator).to(device)
+    return torch.randn(count, channels, *size, generator=generator).to(device, dtype)
+
+
+def _is_embedding(module: nn.Module, images: Tensor, scores: Tensor) -> bool:
+    """Whether ``scores`` are the headless ViT's own output (its pooled features): a module that returns embeddings."""
+    vit = resolve_vit(module)
+    try:
+        with eval_mode(vit):
+            features = vit(images)
+    except Exception:
+        return False
+    return isinstance(features, Tensor) and features.shape == scores.shape and torch.allclose(features, scores)
+
+
+def _are_probabilities(scores: Tensor) -> bool:
+    """Rows that are a distribution over the classes (a forward ending in a softmax)."""
+    scores = scores.double()
+    return bool((scores >= 0).all()) and torch.allclose(scores.sum(dim=-1), torch.ones_like(scores[:, 0]), atol=1e-4)
+
+
+def _log_of(forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def log_probabilities(images: Tensor) -> Tensor:
+        return forward(images).log()  # the softmax of log p is p
+
+    return log_probabilities
 
 
 @torch.no_grad()
@@ -164,8 +191,10 @@ def prediction_forward(module: nn.Module, images: Tensor, prefer: str = "auto") 
     """What ``module`` predicts, for the faithfulness scores: ``prefer="auto"`` takes the module's own forward where
     it returns class scores ``[B, classes]`` for ``images`` (a LightningModule may predict with a head of its own,
     e.g. over a backbone that kept its pretrained 1000-class head), and the ViT's head (:func:`classifier_forward`)
-    where its logits are the module's, or the module's forward gives none. ``"module"`` and ``"vit"`` take that one
-    (refused with the reason when it gives no class scores)."""
+    where its logits are the module's, or the module's forward gives none (a headless ViT's own features are no class
+    scores). A forward that gives probabilities (rows summing to one) is scored through their log, so the softmax
+    faithfulness takes gives them back. ``"module"`` and ``"vit"`` take that one (refused with the reason when it
+    gives no class scores)."""
     if prefer not in PREDICTIONS:
         raise ValueError(f"faithfulness_prediction must be one of {list(PREDICTIONS)}, got {prefer!r}")
     own = classifier_forward(module)
@@ -187,6 +216,10 @@ def prediction_forward(module: nn.Module, images: Tensor, prefer: str = "auto") 
     ):
         why = f"it returned {type(scores).__name__}{tuple(scores.shape) if isinstance(scores, Tensor) else ''}"
         scores = None
+    if scores is not None and own is None and _is_embedding(module, images, scores):
+        why, scores = "it returned the ViT's features, not class scores", None
+    if scores is not None and _are_probabilities(scores):  # faithfulness takes a softmax: give it log-probabilities
+        forward = _log_of(forward)
     if prefer == "module":
         if scores is None:
             raise ValueError(f"faithfulness_prediction='module': {type(module).__name__}'s forward gives no class "

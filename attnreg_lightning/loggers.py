@@ -33,15 +33,17 @@ def route_lightning_logs() -> None:
     which an app configures (Hydra: the console and the run's ``<task>.log``): Lightning gives its logger a console
     handler of its own and stops its records there when imported before the app configures logging, which left the
     log file empty."""
-    logger = logging.getLogger("lightning.pytorch")
-    if logging.getLogger().handlers:
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Fabric's notes: seeds, the process group
+        logger = logging.getLogger(name)
         for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
             logger.removeHandler(handler)
         logger.propagate = True
 
 
 class EpochLine(Callback):
-    """One log line per validated epoch of a fit (rank 0): the epoch, the validation's ``val/*`` values and the time
+    """One log line per validation of a fit (rank 0): the epoch, the validation's ``val/*`` values and the time
     since the fit started, so a log file follows a run whether or not a console shows its progress bar.
 
     Example::
@@ -58,11 +60,8 @@ class EpochLine(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        values = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith(("val/", "train/")) and not k.endswith("_step")
-        }
+        # (the training values are not the epoch's yet: validation runs before the training epoch ends)
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         said = ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         stage = f"epoch {trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
         logging.getLogger("lightning.pytorch").info(

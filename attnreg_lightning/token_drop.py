@@ -53,8 +53,7 @@ def _embedding_end(vit: nn.Module) -> nn.Module:
     if getattr(vit, "_compiled_call_impl", None) is not None:
         raise TypeError(
             f"faithfulness_baseline='drop': {name} was compiled in place (module.compile()), whose compiled forward "
-            "may skip the hook that drops tokens; compile a wrapper (torch.compile(model)) or use "
-            "faithfulness_baseline='mean'"
+            "skips the hook that drops tokens; use faithfulness_baseline='mean' (or 'blur')"
         )
     if "timm" in sys.modules and type(vit).__module__.startswith("timm."):
         if type(vit) not in _timm_classes():
@@ -85,8 +84,37 @@ def _embedding_end(vit: nn.Module) -> nn.Module:
 
 def check_droppable(model: nn.Module) -> None:
     """Raise ``TypeError`` with the reason and the way out unless the ViT read in ``model`` (:func:`resolve_vit`) can
-    be run on kept tokens alone."""
+    be run on kept tokens alone: a family whose later modules depend only on the tokens they are given, run eagerly
+    (a compiled forward, of the module or of a module it holds, reuses its graph without the hook)."""
+    compiled = getattr(model, "_compiler_ctx", None) is not None or any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
+    if compiled:
+        raise TypeError(
+            f"faithfulness_baseline='drop': {type(model).__name__} runs compiled code (torch.compile), whose graph "
+            "skips the hook that drops tokens; use faithfulness_baseline='mean' (or 'blur'), or explain an uncompiled "
+            "model"
+        )
     _embedding_end(resolve_vit(model))
+
+
+@torch.no_grad()
+def check_prediction_without_patches(forward, model: nn.Module, images: Tensor) -> None:
+    """Raise ``TypeError`` when ``forward`` gives no finite prediction for ``images`` with every patch token dropped
+    (the prefix tokens alone): a model that pools the patch tokens (``global_pool="avg"``, DINOv2's classifier) has
+    none, and the deletion and insertion curves start or end there."""
+    from attnreg_lightning.attention import token_grid
+
+    h, w = token_grid(model, images)
+    with keeping_tokens(model, torch.zeros(len(images), h * w, dtype=torch.bool, device=images.device)):
+        logits = forward(images)
+    if not bool(torch.isfinite(logits).all()):
+        raise TypeError(
+            f"faithfulness='curves' with faithfulness_baseline='drop': {type(resolve_vit(model)).__name__} gives no "
+            "prediction with every patch token dropped (it pools the patch tokens), where the deletion and insertion "
+            "curves start and end; use faithfulness='kept', or a pixel baseline (faithfulness_baseline='mean')"
+        )
 
 
 @contextmanager
@@ -103,7 +131,10 @@ def keeping_tokens(model: nn.Module, keep: Tensor) -> Iterator[None]:
     kept = int(counts[0]) if len(counts) else 0
     index = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :kept]
 
+    fired: list[bool] = []
+
     def shorten(module: nn.Module, args: tuple, tokens: Tensor) -> Tensor:
+        fired.append(True)
         b, n, d = tokens.shape
         if b != keep.shape[0] or n < keep.shape[1]:
             raise ValueError(
@@ -117,5 +148,10 @@ def keeping_tokens(model: nn.Module, keep: Tensor) -> Iterator[None]:
     handle = _embedding_end(resolve_vit(model)).register_forward_hook(shorten)
     try:
         yield
+        if not fired:  # a forward that never reached the hook kept every token: its numbers would be the clean ones
+            raise RuntimeError(
+                "keeping_tokens: the forward ran without dropping tokens (a compiled forward, or one that does not "
+                "run the model's embedding): use faithfulness_baseline='mean'"
+            )
     finally:
         handle.remove()

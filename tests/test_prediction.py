@@ -88,3 +88,44 @@ def test_the_module_forward_keeps_the_modules_own_modes():
     chosen = prediction_forward(module, images())
     chosen.forward(images())
     assert all(m.training for m in module.modules())
+
+
+class GivesProbabilities(GivesADict):
+    def forward(self, images):
+        return (self.vit(images) * 2).softmax(dim=-1)  # not the ViT head's logits: the module's own prediction
+
+
+class GivesFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, **VIT)
+
+    def forward(self, images):
+        return self.backbone(images)
+
+
+def test_probabilities_are_scored_as_probabilities_and_features_are_no_prediction():
+    x, module = images(), GivesProbabilities().eval()
+    chosen = prediction_forward(module, x)
+    assert chosen.source == "module"
+    with torch.no_grad():
+        # faithfulness takes a softmax of what the forward gives: the module's probabilities, not a softmax of them
+        torch.testing.assert_close(chosen.forward(x).softmax(-1), module(x))
+    assert prediction_forward(GivesFeatures(), x).forward is None
+
+
+def test_probe_images_take_the_models_pixels_channels_and_dtype():
+    from attnreg_lightning.faithfulness import probe_images
+
+    hybrid = timm.create_model("vit_small_r26_s32_224", img_size=64, num_classes=4)
+    assert probe_images(hybrid).shape == (2, 3, 64, 64)  # the CNN stem's input, not the projection's
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=4, **VIT).to(torch.bfloat16)
+    assert probe_images(vit).dtype == torch.bfloat16
+
+
+def test_a_module_holding_a_compiled_vit_is_resolved():
+    from attnreg_lightning.attention import resolve_vit
+
+    module = GivesADict()
+    module.vit = torch.compile(module.vit, backend="eager")
+    assert resolve_vit(module) is module.vit._orig_mod

@@ -212,3 +212,29 @@ def test_the_callback_refuses_drop_at_setup_for_a_model_it_cannot_shorten(tmp_pa
     module = ViTClassifier("eva02_tiny_patch14_224", model_kwargs={"img_size": 28, "depth": 2})
     with pytest.raises(TypeError, match="faithfulness_baseline='drop'.*grid position"):
         _validate(tmp_path, module, faithfulness_baseline="drop")
+
+
+def test_compiled_code_is_refused_and_a_forward_that_drops_nothing_is_caught():
+    """A compiled forward reuses its graph without the hook: every score would be the clean image's (0), silently."""
+    from torch import nn
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = torch.compile(TIMM["vit_avg_pool"](), backend="eager")
+
+    with pytest.raises(TypeError, match="runs compiled code"):
+        check_droppable(Holder())
+    vit = TIMM["vit_avg_pool"]()
+    with pytest.raises(RuntimeError, match="without dropping tokens"), keeping_tokens(vit, masks(16, 4)):
+        torch.zeros(B, 4)  # a "forward" that never reaches the model's embedding
+
+
+def test_curves_with_drop_on_a_model_that_pools_the_patches_is_refused_at_setup(tmp_path):
+    from attnreg_lightning.models import ViTClassifier
+
+    kwargs = {"img_size": 48, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "global_pool": "avg"}
+    module = ViTClassifier("vit_tiny_patch16_224", model_kwargs=kwargs)
+    with pytest.raises(TypeError, match="no prediction with every patch token dropped"):
+        _validate(tmp_path, module, faithfulness_baseline="drop", faithfulness="curves")
+    assert _validate(tmp_path, module, faithfulness_baseline="drop")  # kept: no all-removed image, it runs
