@@ -34,7 +34,7 @@ from attnreg_lightning.batch import (
     take_rows,
 )
 from attnreg_lightning.config import KNOB_DEFAULTS, KNOB_NAMES, AttnRegConfig, check_knob_names
-from attnreg_lightning.engine import AUTOCAST_DTYPES, AttentionRegularizer, statistics_device
+from attnreg_lightning.engine import AUTOCAST_DTYPES, AttentionRegularizer, statistics_device, usable_images
 from attnreg_lightning.faithfulness import (
     Prediction,
     classifier_forward,
@@ -53,7 +53,6 @@ from attnreg_lightning.run_metrics import (
     image_rows,
     nonfinite_attention,
     quiet_compute,
-    usable_images,
 )
 from attnreg_lightning.sanity import draw_keys, intervals, model_randomization, per_draw_scores, per_image, summarize
 from attnreg_lightning.token_drop import check_droppable, check_prediction_without_patches
@@ -318,10 +317,10 @@ class AttentionRegularizationCallback(Callback):
         if trainer is not None:
             self._rank, self._world_size = trainer.global_rank, trainer.world_size
         self.pictures.write_png = trainer is not None and wants_png(trainer.loggers)
-        self._choose_prediction(pl_module, vit)
+        images = None if self.config.faithfulness == "off" else probe_images(vit, pl_module.device)
+        self._choose_prediction(pl_module, vit, images)
         if self._classify is not None and self.config.faithfulness_baseline == "drop":
             check_droppable(pl_module)  # refused now, with the reason, rather than at every batch
-            images = probe_images(vit, pl_module.device)
             if self.config.faithfulness == "curves" and images is not None:
                 check_prediction_without_patches(self._classify, pl_module, images)
         self.engine = self._new_engine(pl_module)
@@ -346,15 +345,15 @@ class AttentionRegularizationCallback(Callback):
                 logger.log_hyperparams({self.prefix: dataclasses.asdict(self.config)})
             self._logged_config = True
 
-    def _choose_prediction(self, pl_module: L.LightningModule, vit: nn.Module) -> None:
-        """Whose class scores faithfulness scores (:func:`prediction_forward`), decided once at setup on two random
-        images of the model's size, the same on every rank: the module's own forward where it gives class scores
-        other than the ViT head's (a head of its own), else the ViT's head; none for a backbone without any."""
+    def _choose_prediction(self, pl_module: L.LightningModule, vit: nn.Module, images: Tensor | None) -> None:
+        """Whose class scores faithfulness scores (:func:`prediction_forward`), decided once at setup on ``images``
+        (:func:`probe_images`: random images of the model's size; None when it is unknown), the same on every rank:
+        the module's own forward where it gives class scores other than the ViT head's (a head of its own), else the
+        ViT's head; none for a backbone without any."""
         self._classify, self._prediction_source = None, None
         cfg = self.config
         if cfg.faithfulness == "off":
             return
-        images = probe_images(vit, pl_module.device)
         if images is None:  # a family whose input size is not known: its reader's head, as the model predicts it
             chosen = Prediction(classifier_forward(pl_module), "vit")
         else:

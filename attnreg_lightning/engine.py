@@ -104,6 +104,13 @@ def images_per_forward(value: int | None, device: torch.device | str) -> int:
     return CPU_IMAGES_PER_FORWARD if torch.device(device).type == "cpu" else DEVICE_IMAGES_PER_FORWARD
 
 
+def usable_images(images: Tensor) -> Tensor:
+    """``[B]`` bool: which images the engine can explain, their pixels finite and not all equal (it gives the others
+    NaN attention: no null distribution worth the name)."""
+    flat = images.flatten(1)
+    return torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
+
+
 def sample_seed(seed: int, sample_id: int) -> int:
     """The generator seed of one image: a function of the run seed and the sample id only."""
     return (int(seed) * _SEED_MIX + int(sample_id) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
@@ -280,8 +287,7 @@ class AttentionRegularizer:
         """:meth:`observe`, and the images' class logits with ``classify`` (else None)."""
         gens = self.generators(images, sample_ids)
         b, n = images.shape[0], self.n_bootstrap
-        flat = images.flatten(1)
-        usable = torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
+        usable = usable_images(images)
         safe = torch.where(usable[:, None, None, None], images, torch.zeros_like(images)).nan_to_num()
         nulls = null_stream(safe, n, self.method, gens, **self.method_options)
         logits = None

@@ -113,11 +113,14 @@ def classifier_forward(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
     """
     vit = resolve_vit(model)
     run = classifier(vit)
-    if run is None:
-        return None
+    return None if run is None else _in_eval_mode(vit, run)
+
+
+def _in_eval_mode(module: nn.Module, run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``run`` with ``module`` in eval mode while it runs (each submodule's own mode restored after)."""
 
     def forward(images: Tensor) -> Tensor:
-        with eval_mode(vit):
+        with eval_mode(module):
             return run(images)
 
     return forward
@@ -135,14 +138,6 @@ class Prediction:
     forward: Callable[[Tensor], Tensor] | None
     source: str | None
     note: str | None = None
-
-
-def _module_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    def forward(images: Tensor) -> Tensor:
-        with eval_mode(module):
-            return module(images)
-
-    return forward
 
 
 def probe_images(vit: nn.Module, device: torch.device | str = "cpu", count: int = 2) -> Tensor | None:
@@ -202,7 +197,7 @@ def prediction_forward(module: nn.Module, images: Tensor, prefer: str = "auto") 
         if own is None and prefer == "vit":
             raise ValueError(f"faithfulness_prediction='vit': {type(resolve_vit(module)).__name__} has no head")
         return Prediction(own, None if own is None else "vit")
-    forward = _module_forward(module)
+    forward = _in_eval_mode(module, module)
     try:
         scores = forward(images)
         why = None

@@ -110,7 +110,8 @@ class RunMetrics:
         usable: Tensor | None = None,
     ) -> dict[str, Tensor] | None:
         """Count the result's images and score its valid ones; ``roi``/``noise``/``shortcut`` are the images' pixel
-        masks, ``usable`` which images' pixels are finite and not constant (:func:`usable_images`): an invalid one
+        masks, ``usable`` which images' pixels are finite and not constant
+        (:func:`~attnreg_lightning.engine.usable_images`): an invalid one
         among them whose attention is not finite is the model's failure, not the image's (:data:`COUNT_KEYS`;
         without ``usable``, every invalid image counts as degenerate).
 
@@ -201,16 +202,9 @@ class RunMetrics:
         return {k: (lo, hi) for k, (lo, hi) in zip(keys, listed, strict=True) if math.isfinite(lo + hi)}
 
 
-def usable_images(images: Tensor) -> Tensor:
-    """``[B]`` bool: which images the engine can explain, their pixels finite and not all equal (it gives the others
-    NaN attention)."""
-    flat = images.flatten(1)
-    return torch.isfinite(flat).all(1) & (flat.amax(1) > flat.amin(1))
-
-
 def nonfinite_attention(reg: RegularizedAttention, usable: Tensor | None) -> Tensor:
     """``[B]`` bool: the images skipped because the model's attention on them is not finite while their pixels are
-    usable (:func:`usable_images`; none without ``usable``)."""
+    usable (:func:`~attnreg_lightning.engine.usable_images`; none without ``usable``)."""
     valid = reg.significance.valid
     if usable is None:
         return torch.zeros_like(valid)

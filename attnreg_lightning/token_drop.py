@@ -28,7 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from attnreg_lightning.attention import resolve_vit
+from attnreg_lightning.attention import resolve_vit, token_grid
+from attnreg_lightning.readers import hf
 
 HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
 """Hugging Face model types whose embeddings' output may be shortened (``config.model_type``)."""
@@ -39,11 +40,6 @@ def _timm_classes() -> tuple[type, ...]:
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer, VisionTransformerDistilled
-
-
-def _is_hf(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _embedding_end(vit: nn.Module) -> nn.Module:
@@ -66,7 +62,7 @@ def _embedding_end(vit: nn.Module) -> nn.Module:
         # timm's own patch dropout sits here (the identity in eval mode): after the position embedding, before
         # the blocks
         return vit.patch_drop
-    if _is_hf(vit):
+    if hf.READER.matches(vit):
         model_type = getattr(vit.config, "model_type", None)
         if model_type not in HF_MODEL_TYPES:
             raise TypeError(
@@ -74,7 +70,7 @@ def _embedding_end(vit: nn.Module) -> nn.Module:
                 f"models run on kept tokens alone ({', '.join(HF_MODEL_TYPES)}): its layers may need each token's "
                 "position or its tokens may follow the patches (use faithfulness_baseline='mean' or 'blur')"
             )
-        return vit.base_model.embeddings
+        return hf.tower(vit).embeddings
     raise TypeError(
         f"faithfulness_baseline='drop': {name} is not a model the engine knows how to run on kept tokens alone "
         f"(timm VisionTransformer / DeiT, Hugging Face {', '.join(HF_MODEL_TYPES)}); use "
@@ -104,8 +100,6 @@ def check_prediction_without_patches(forward, model: nn.Module, images: Tensor) 
     """Raise ``TypeError`` when ``forward`` gives no finite prediction for ``images`` with every patch token dropped
     (the prefix tokens alone): a model that pools the patch tokens (``global_pool="avg"``, DINOv2's classifier) has
     none, and the deletion and insertion curves start or end there."""
-    from attnreg_lightning.attention import token_grid
-
     h, w = token_grid(model, images)
     with keeping_tokens(model, torch.zeros(len(images), h * w, dtype=torch.bool, device=images.device)):
         logits = forward(images)
