@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,21 @@ def tiny_data(train_size: int = 64, val_size: int = 24, batch_size: int = 8, **k
     return ShapesDataModule(
         train_size=train_size, val_size=val_size, batch_size=batch_size, image_size=IMAGE_SIZE, **kwargs
     )
+
+
+def csv_trainer(tmp_path, callbacks, **kw) -> L.Trainer:
+    """A quiet CPU Trainer logging to CSV under ``tmp_path``."""
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw,
+    )  # fmt: skip
+
+
+def val_images(data) -> tuple[torch.Tensor, list[int]]:
+    """Every validation image of ``data`` (a shapes data module), in the loader's order, and their sample ids."""
+    data.setup("validate")
+    batches = list(data.val_dataloader())
+    return torch.cat([b[0] for b in batches]), [int(i) for b in batches for i in b[3]]
 
 
 class OrderedData(L.LightningDataModule):

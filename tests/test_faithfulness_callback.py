@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -21,20 +20,7 @@ from attnreg_lightning.batch import BatchView, default_batch_to_images
 from attnreg_lightning.faithfulness import classifier_forward, faithfulness
 from attnreg_lightning.metrics import token_mask
 from attnreg_lightning.sanity import draw_seed, last_block, randomized_last_block
-from tests.helpers import IMAGE_SIZE, perturb, tiny_data, tiny_module
-
-
-def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )  # fmt: skip
-
-
-def _val_batches(data) -> tuple[torch.Tensor, list[int]]:
-    data.setup("validate")
-    batches = list(data.val_dataloader())
-    return torch.cat([b[0] for b in batches]), [int(i) for b in batches for i in b[3]]
+from tests.helpers import IMAGE_SIZE, csv_trainer, perturb, tiny_data, tiny_module, val_images
 
 
 def _shortcut_masks(data) -> torch.Tensor:
@@ -67,10 +53,10 @@ def test_logged_faithfulness_is_the_functional_core_on_the_explained_images(tmp_
         batch_to_images=spoiled,
     )
     with pytest.warns(UserWarning, match="degenerate"):
-        (logged,) = _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+        (logged,) = csv_trainer(tmp_path, [cb]).validate(module, data, verbose=False)
     assert cb.engine.classify  # the clean logits are the engine's
 
-    images, ids = _val_batches(data)
+    images, ids = val_images(data)
     assert ids[4] == FIFTH
     valid = [i for i in range(8) if i != 4]
     images, ids, cues = images[valid], [ids[i] for i in valid], _shortcut_masks(data)[valid]
@@ -107,7 +93,7 @@ def test_the_clean_images_reach_the_head_once_for_the_engine_and_faithfulness_to
     """The engine's forward of the explained images runs on to the head and gives faithfulness their logits: each
     clean image goes through the model once more than the user's own validation step sends it, not twice."""
     module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
-    images, _ = _val_batches(data)
+    images, _ = val_images(data)
     seen: list[torch.Tensor] = []
     # every forward starts there: the engine's (read-outs and the one that runs on), faithfulness's, the step's
     module.vit.patch_embed.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
@@ -116,11 +102,11 @@ def test_the_clean_images_reach_the_head_once_for_the_engine_and_faithfulness_to
         rows = torch.cat(seen)
         return [int((rows == image).flatten(1).all(1).sum()) for image in images]
 
-    _trainer(tmp_path, []).validate(module, data, verbose=False)
+    csv_trainer(tmp_path, []).validate(module, data, verbose=False)
     alone = clean_passes()
     seen.clear()
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, faithfulness="kept")
-    (logged,) = _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+    (logged,) = csv_trainer(tmp_path, [cb]).validate(module, data, verbose=False)
     assert logged["attnreg/explained"] == 8 and logged["attnreg/lfdr/faithfulness_undefined"] < 8
     assert clean_passes() == [n + 1 for n in alone]
 
@@ -143,7 +129,7 @@ def test_a_backbone_without_head_skips_faithfulness_with_one_warning(tmp_path):
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (logged,) = _trainer(tmp_path, [cb]).validate(Backbone(), tiny_data(val_size=8, batch_size=4), verbose=False)
+        (logged,) = csv_trainer(tmp_path, [cb]).validate(Backbone(), tiny_data(val_size=8, batch_size=4), verbose=False)
     said = [str(w.message) for w in caught if "classification head" in str(w.message)]
     assert len(said) == 1 and "faithfulness='kept'" in said[0] and "VisionTransformer" in said[0]
     assert logged["attnreg/explained"] == 8
@@ -181,10 +167,10 @@ def test_fit_end_logs_the_sanity_check_against_scipy(tmp_path):
     module, data = perturb(tiny_module()), tiny_data(val_size=8, batch_size=4)
     knobs = {"n_bootstrap": 3, "num_images": 8, "log_images": 0, "faithfulness": "off", "seed": 5}
     cb = AttentionRegularizationCallback(**knobs, sanity_draws=1)
-    trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2)
+    trainer = csv_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2)
     trainer.fit(module, data)
     # the oracle: the same probes explained by the trained model and by its randomized copy, scipy's Spearman
-    images, ids = _val_batches(data)
+    images, ids = val_images(data)
     trained = AttentionRegularizer(module, n_bootstrap=3, seed=5)(images, ids)
     copy_of = randomized_last_block(module, draw_seed(5, 0))
     randomized = AttentionRegularizer(copy_of, n_bootstrap=3, seed=5)(images, ids)
@@ -216,7 +202,7 @@ def test_an_unchanged_model_gives_sanity_correlations_of_one(tmp_path, monkeypat
     # correlated maps at every draw (the raw maps read without nulls, the lfdr maps explained with them)
     monkeypatch.setattr("attnreg_lightning.sanity.reinitialize", lambda block, seed: None)
     cb = AttentionRegularizationCallback(n_bootstrap=3, num_images=4, log_images=0, faithfulness="off", sanity_draws=9)
-    trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
+    trainer = csv_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
     trainer.fit(perturb(tiny_module()), tiny_data(val_size=4, batch_size=4))
     for key in ("raw", "lfdr"):
         assert cb.history[-1][f"attnreg/sanity/{key}_spearman"] == pytest.approx(1.0)
@@ -241,7 +227,8 @@ def test_a_faithfulness_failure_leaves_the_images_explained_and_counted_once(tmp
     monkeypatch.setattr("attnreg_lightning.callback.faithfulness", failing)
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=1, statistics=statistics)
     with pytest.warns(UserWarning, match="could not score the faithfulness of validation batch 0.*on purpose"):
-        (logged,) = _trainer(tmp_path, [cb]).validate(tiny_module(), tiny_data(val_size=8, batch_size=4), verbose=False)
+        data = tiny_data(val_size=8, batch_size=4)
+        (logged,) = csv_trainer(tmp_path, [cb]).validate(tiny_module(), data, verbose=False)
     assert logged["attnreg/explained"] == 8 and logged["attnreg/skipped_error"] == 0
     assert not [k for k in logged if "comprehensiveness" in k]
     assert len(cb._last_rows) == 1  # the rest of the batch's record went on
@@ -254,7 +241,7 @@ def test_a_failing_sanity_check_warns_and_the_fit_ends(tmp_path, monkeypatch):
     monkeypatch.setattr("attnreg_lightning.callback.model_randomization", failing)
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, faithfulness="off")
     with pytest.warns(UserWarning, match="sanity_check failed on this rank.*on purpose"):
-        _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(
+        csv_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(
             tiny_module(), tiny_data(val_size=4, batch_size=4)
         )
     assert not [k for k in cb.history[-1] if "sanity" in k] and cb.history[-1]["attnreg/explained"] == 4
@@ -265,7 +252,7 @@ def test_a_marked_region_smaller_than_half_a_token_is_said_once(tmp_path):
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=8, log_images=0, sanity_check=False)
     data = tiny_data(val_size=8, batch_size=4, shortcut_size=4)
     with pytest.warns(UserWarning, match="the shortcut masks cover no token by half") as said:
-        (logged,) = _trainer(tmp_path, [cb]).validate(tiny_module(), data, verbose=False)
+        (logged,) = csv_trainer(tmp_path, [cb]).validate(tiny_module(), data, verbose=False)
     assert len([w for w in said if "cover no token" in str(w.message)]) == 1  # two batches, one warning
     assert not [k for k in logged if "shortcut" in k]
 
@@ -292,10 +279,10 @@ class TwoHeads(Backbone):
 def test_faithfulness_scores_the_modules_own_prediction_not_the_backbones_head(tmp_path, backbone_classes):
     module, data = TwoHeads(backbone_classes), tiny_data(val_size=8, batch_size=4)
     cb = AttentionRegularizationCallback(n_bootstrap=4, seed=3, num_images=8, log_images=0, sanity_check=False)
-    _trainer(tmp_path, [cb]).validate(module, data, verbose=False)
+    csv_trainer(tmp_path, [cb]).validate(module, data, verbose=False)
     assert cb._prediction_source == "module" and not cb.engine.classify  # clean logits: the module's own forward
 
-    images, ids = _val_batches(data)
+    images, ids = val_images(data)
     reg = AttentionRegularizer(module, n_bootstrap=4, seed=3)(images, ids)
     rows = {row["id"]: row for row in cb.image_stats}
     got = torch.tensor([rows[i]["lfdr/comprehensiveness"] for i in ids], dtype=torch.float64)

@@ -11,11 +11,9 @@ import math
 import random
 import warnings
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from scipy.stats import spearmanr
 from scipy.stats import t as student_t
 
@@ -34,7 +32,7 @@ from attnreg_lightning.sanity import (
     read_raw,
     summarize,
 )
-from tests.helpers import perturb, tiny_data, tiny_module
+from tests.helpers import csv_trainer, perturb, tiny_data, tiny_module, val_images
 
 RAW, LFDR = SANITY_KEYS
 
@@ -47,19 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )  # fmt: skip
-
-
-def _val_images(data) -> tuple[torch.Tensor, list[int]]:
-    data.setup("validate")
-    batches = list(data.val_dataloader())
-    return torch.cat([b[0] for b in batches]), [int(i) for b in batches for i in b[3]]
 
 
 def _by_hand(module, seed: int, draw: int) -> torch.nn.Module:
@@ -92,8 +77,8 @@ def test_the_logged_check_is_scipy_over_draws_made_by_hand(tmp_path):
     cb = AttentionRegularizationCallback(
         n_bootstrap=3, num_images=8, log_images=0, faithfulness="off", seed=seed, sanity_draws=draws
     )
-    _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2).fit(module, data)
-    images, ids = _val_images(data)
+    csv_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2).fit(module, data)
+    images, ids = val_images(data)
     trained = AttentionRegularizer(module, n_bootstrap=3, seed=seed)(images, ids)
     raw, lfdr = [], []  # [draw][image]
     for d in range(draws):
@@ -128,7 +113,7 @@ def test_the_logged_check_is_scipy_over_draws_made_by_hand(tmp_path):
 
 def test_the_draws_are_different_re_initializations():
     module = perturb(tiny_module())
-    images, ids = _val_images(tiny_data(val_size=4, batch_size=4))
+    images, ids = val_images(tiny_data(val_size=4, batch_size=4))
     engine = AttentionRegularizer(module, n_bootstrap=2, seed=0)
     seen: list[torch.Tensor] = []  # the last block's qkv weight at each raw read: the trained model's, then each draw's
     real = sanity_module.read_raw
@@ -176,7 +161,7 @@ def test_two_seeds_agree_within_a_tenth_on_the_test_model_where_one_draw_does_no
         for seed in (0, 1)
         for draws in (1, default)
     }
-    _trainer(tmp_path, list(cbs.values()), max_epochs=1, limit_train_batches=1).fit(
+    csv_trainer(tmp_path, list(cbs.values()), max_epochs=1, limit_train_batches=1).fit(
         perturb(tiny_module()), tiny_data(val_size=16, batch_size=16)
     )
 
@@ -194,7 +179,7 @@ def test_two_seeds_agree_within_a_tenth_on_the_test_model_where_one_draw_does_no
 def test_the_check_leaves_the_global_random_state_and_the_model_as_they_were(tmp_path):
     module = perturb(tiny_module())
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, faithfulness="off", sanity_draws=9)
-    _trainer(tmp_path, [cb]).validate(module, tiny_data(val_size=4, batch_size=4), verbose=False)
+    csv_trainer(tmp_path, [cb]).validate(module, tiny_data(val_size=4, batch_size=4), verbose=False)
     weights = copy.deepcopy(module.state_dict())
     random.seed(3)
     np.random.seed(3)
@@ -228,7 +213,7 @@ def test_a_failing_rank_and_a_rank_without_probes_still_reach_the_reduction(tmp_
     monkeypatch.setattr("attnreg_lightning.callback.model_randomization", failing)
     cb = AttentionRegularizationCallback(n_bootstrap=2, num_images=4, log_images=0, faithfulness="off", sanity_draws=3)
     module = perturb(tiny_module())
-    _trainer(tmp_path, [cb]).validate(module, tiny_data(val_size=4, batch_size=4), verbose=False)
+    csv_trainer(tmp_path, [cb]).validate(module, tiny_data(val_size=4, batch_size=4), verbose=False)
     reduced.clear()
     with pytest.warns(UserWarning, match="sanity_check failed on this rank.*on purpose"):
         assert cb.sanity_check(module) == {}
@@ -236,7 +221,7 @@ def test_a_failing_rank_and_a_rank_without_probes_still_reach_the_reduction(tmp_
 
 
 def test_raw_maps_read_without_nulls_are_the_engines_own(tmp_path):
-    images, ids = _val_images(tiny_data(val_size=4, batch_size=4))
+    images, ids = val_images(tiny_data(val_size=4, batch_size=4))
     for heads in ("mean", "all"):
         engine = AttentionRegularizer(perturb(tiny_module()), n_bootstrap=2, heads=heads)
         torch.testing.assert_close(read_raw(engine, images), engine(images, ids).attention, rtol=1e-5, atol=1e-7)
@@ -273,7 +258,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     try:
         module = perturb(tiny_module())
-        images, ids = _val_images(tiny_data(val_size=8, batch_size=8))
+        images, ids = val_images(tiny_data(val_size=8, batch_size=8))
         cb = AttentionRegularizationCallback(**DDP_KNOBS)
         cb.engine = cb._new_engine(module)
         cb._sanity_images = dict(zip(ids[4 * rank : 4 * rank + 4], images[4 * rank : 4 * rank + 4], strict=True))
@@ -319,7 +304,7 @@ def test_two_ranks_pool_each_draw_and_a_failing_rank_leaves_none_waiting(tmp_pat
     ranks = [json.loads((tmp_path / f"sanity.rank{r}.json").read_text()) for r in (0, 1)]
     # one process over all eight probes, and over rank 0's four: what the two ranks must report
     module = perturb(tiny_module())
-    images, ids = _val_images(tiny_data(val_size=8, batch_size=8))
+    images, ids = val_images(tiny_data(val_size=8, batch_size=8))
     reference = {}
     for name, rows in (("whole", slice(0, 8)), ("one_failing", slice(0, 4))):
         cb = AttentionRegularizationCallback(**DDP_KNOBS)
